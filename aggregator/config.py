@@ -1,0 +1,356 @@
+"""Configuration: config.toml -> a frozen Config.
+
+Every setting is declared once in SETTINGS, with its default and its help
+text; config.toml and the README's configuration reference are checked
+against this table by the tests. A wrong key, type or value raises
+ConfigError with one message that names the file and the key.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the file and the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    section: str
+    key: str
+    default: Any
+    help: str
+    check: Callable[[Any], Any]  # returns the normalised value or raises ValueError
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """A storage resolution: rollups of `resolution` seconds kept `retention` seconds."""
+
+    resolution: int
+    retention: int
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    udp: str
+    tcp: str
+    unix: str
+    unix_stream: str
+    http: str
+    udp_receive_buffer: int
+    max_line_length: int
+    flush_interval: int
+    percentiles: tuple[float, ...]
+    gauge_deltas: bool
+    clean_names: bool
+    storage_path: str
+    raw_retention: int
+    downsample: tuple[Tier, ...]
+    token: str
+    allow_unauthenticated: bool
+    source: str  # the file it came from, or "built-in defaults"
+
+    @property
+    def tiers(self) -> tuple[Tier, ...]:
+        """Every storage tier, finest (the flush interval) first."""
+        return (Tier(self.flush_interval, self.raw_retention), *self.downsample)
+
+
+# ---------------------------------------------------------------- value checks
+
+_DURATION = re.compile(r"^(\d+)(s|m|h|d|w|y)$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'10s', '1m', '2d', '2y' -> seconds."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 10s, 5m, 2d or 1y")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _address(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError('must be a string "host:port" (or "" to disable)')
+    if value == "":
+        return value
+    split_address(value)
+    return value
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """'127.0.0.1:8125' or '[::1]:8125' -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f'{value!r} is not "host:port" with a port from 0 to 65535')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError("must be a whole number greater than 0")
+    return value
+
+
+def _percentiles(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a non-empty list of numbers between 0 and 100")
+    out = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int | float) or not 0 < item <= 100:
+            raise ValueError(f"{item!r} is not a percentile in (0, 100]")
+        out.append(float(item))
+    return tuple(sorted(set(out)))
+
+
+def _gauge_mode(value: Any) -> bool:
+    if value not in ("delta", "absolute"):
+        raise ValueError('must be "delta" or "absolute"')
+    return bool(value == "delta")
+
+
+def _duration(value: Any) -> int:
+    if not isinstance(value, str):
+        raise ValueError("must be a duration string like 10s, 5m, 2d or 1y")
+    return parse_duration(value)
+
+
+def _downsample(value: Any) -> tuple[Tier, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError('must be a list of "resolution:retention" strings')
+    tiers = []
+    for item in value:
+        resolution, sep, keep = item.partition(":")
+        if not sep:
+            raise ValueError(f'{item!r} is not "resolution:retention", e.g. "1m:30d"')
+        tiers.append(Tier(parse_duration(resolution), parse_duration(keep)))
+    for finer, coarser in itertools.pairwise(tiers):
+        if coarser.resolution <= finer.resolution or coarser.resolution % finer.resolution:
+            raise ValueError(
+                f"each resolution must be a multiple of the one before "
+                f"({coarser.resolution}s after {finer.resolution}s)"
+            )
+    return tuple(tiers)
+
+
+# ---------------------------------------------------------------- the settings
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "listen", "udp", "127.0.0.1:8125", "UDP address for StatsD/DogStatsD datagrams", _address
+    ),
+    Setting("listen", "tcp", "127.0.0.1:8125", "TCP address for newline-delimited lines", _address),
+    Setting("listen", "unix", "", "path of a unix datagram socket (DogStatsD UDS)", _string),
+    Setting(
+        "listen", "unix_stream", "", "path of a unix stream socket (newline-delimited)", _string
+    ),
+    Setting("listen", "http", "127.0.0.1:8126", "JSON API, dashboard page and /metrics", _address),
+    Setting(
+        "listen",
+        "udp_receive_buffer",
+        32 * 1024 * 1024,
+        "bytes of kernel receive buffer asked for on the UDP and unix datagram sockets",
+        _positive_int,
+    ),
+    Setting(
+        "listen",
+        "max_line_length",
+        65536,
+        "longest line accepted on TCP and unix stream connections (bytes)",
+        _positive_int,
+    ),
+    Setting(
+        "aggregation",
+        "flush_interval",
+        10,
+        "seconds per window; windows are aligned to multiples of it",
+        _positive_int,
+    ),
+    Setting(
+        "aggregation",
+        "percentiles",
+        [50, 90, 95, 99],
+        "percentiles computed for timers, histograms and distributions",
+        _percentiles,
+    ),
+    Setting(
+        "aggregation",
+        "gauge_mode",
+        "delta",
+        '"delta": a gauge value with a leading + or - changes the last value (Etsy); '
+        '"absolute": it is the new value',
+        _gauge_mode,
+    ),
+    Setting(
+        "aggregation",
+        "clean_names",
+        True,
+        "clean metric names as Etsy statsd does (white space -> _, / -> -, drop other symbols)",
+        _bool,
+    ),
+    Setting("storage", "path", "data/metrics.db", "the SQLite database file", _string),
+    Setting(
+        "storage",
+        "raw_retention",
+        "2d",
+        "how long rollups at the flush resolution are kept",
+        _duration,
+    ),
+    Setting(
+        "storage",
+        "downsample",
+        ["1m:30d", "1h:2y"],
+        'coarser tiers as "resolution:retention", finest first; each resolution a multiple '
+        "of the one before and of aggregation.flush_interval",
+        _downsample,
+    ),
+    Setting(
+        "http",
+        "token",
+        "",
+        'when set, /api/* requires the header "Authorization: Bearer <token>"',
+        _string,
+    ),
+    Setting(
+        "http",
+        "allow_unauthenticated",
+        False,
+        "allow the API on a non-loopback address without a token",
+        _bool,
+    ),
+)
+
+_FIELD = {
+    "listen.udp": "udp",
+    "listen.tcp": "tcp",
+    "listen.unix": "unix",
+    "listen.unix_stream": "unix_stream",
+    "listen.http": "http",
+    "listen.udp_receive_buffer": "udp_receive_buffer",
+    "listen.max_line_length": "max_line_length",
+    "aggregation.flush_interval": "flush_interval",
+    "aggregation.percentiles": "percentiles",
+    "aggregation.gauge_mode": "gauge_deltas",
+    "aggregation.clean_names": "clean_names",
+    "storage.path": "storage_path",
+    "storage.raw_retention": "raw_retention",
+    "storage.downsample": "downsample",
+    "http.token": "token",
+    "http.allow_unauthenticated": "allow_unauthenticated",
+}
+
+#: command-line flag -> setting it overrides
+FLAG_OVERRIDES = {
+    "udp": "listen.udp",
+    "tcp": "listen.tcp",
+    "unix": "listen.unix",
+    "unix_stream": "listen.unix_stream",
+    "http": "listen.http",
+    "db": "storage.path",
+    "flush_interval": "aggregation.flush_interval",
+}
+
+_LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
+
+
+def is_loopback(host: str) -> bool:
+    return host in _LOOPBACK_HOSTS or host.startswith("127.")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read `path` (None: built-in defaults) and apply `overrides` (dotted key -> value)."""
+    source = str(path) if path is not None else "built-in defaults"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{source}: no such file") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    values = _read_settings(raw, source)
+    for dotted, value in (overrides or {}).items():
+        setting = _by_name(dotted)
+        values[_FIELD[dotted]] = _checked(setting, value, "command line")
+    _check_together(values, source)
+    return Config(source=source, **values)
+
+
+def _by_name(dotted: str) -> Setting:
+    for setting in SETTINGS:
+        if setting.dotted == dotted:
+            return setting
+    raise KeyError(dotted)
+
+
+def _read_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    known_sections = {s.section for s in SETTINGS}
+    for section, table in raw.items():
+        if section not in known_sections:
+            raise ConfigError(f"{source}: unknown section [{section}]")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        for key in table:
+            if not any(s.section == section and s.key == key for s in SETTINGS):
+                raise ConfigError(f"{source}: unknown key {section}.{key}")
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        value = raw.get(setting.section, {}).get(setting.key, setting.default)
+        values[_FIELD[setting.dotted]] = _checked(setting, value, source)
+    return values
+
+
+def _checked(setting: Setting, value: Any, source: str) -> Any:
+    try:
+        return setting.check(value)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {setting.dotted} {exc}") from exc
+
+
+def _check_together(values: dict[str, Any], source: str) -> None:
+    interval = values["flush_interval"]
+    for tier in values["downsample"]:
+        if tier.resolution % interval or tier.resolution <= interval:
+            raise ConfigError(
+                f"{source}: storage.downsample resolution {tier.resolution}s is not a multiple "
+                f"of aggregation.flush_interval ({interval}s) greater than it"
+            )
+    http = values["http"]
+    if http and not values["token"] and not values["allow_unauthenticated"]:
+        host, _ = split_address(http)
+        if not is_loopback(host):
+            raise ConfigError(
+                f"{source}: listen.http {http!r} is not a loopback address; set http.token, "
+                "or http.allow_unauthenticated = true to serve the API to anyone"
+            )

@@ -1,0 +1,247 @@
+"""The composition root: bind, log `ready`, flush on aligned windows, stop cleanly.
+
+Lifecycle: open storage -> restore gauges -> bind listeners and HTTP ->
+log the ready line -> flush every aligned window -> on SIGTERM/SIGINT:
+stop intake -> final flush of the open window -> drain the writer ->
+stop HTTP -> close the database. Only this module knows every other one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import signal
+import time
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+from aiohttp import web
+
+from . import api, listeners
+from .aggregate import Aggregator, ClosedWindow, snapshot
+from .config import Config, split_address
+from .model import Event, Rollup, SeriesKey, ServiceCheck
+from .protocol import Parser
+from .selfstats import IngestStats, SelfStats
+from .storage import Storage
+
+log = logging.getLogger("statsd_aggregator")
+
+Clock = Callable[[], float]
+
+#: Each shutdown step gets at most this long before the next one starts.
+SHUTDOWN_STEP_SECONDS = 30.0
+
+
+def encode_gauges(gauges: dict[SeriesKey, float]) -> bytes:
+    """Persisted gauges as msgpack: [[name, type, [[k, v], ...], value], ...]."""
+    return bytes(
+        msgpack.packb(
+            [[n, t, [list(tag) for tag in tags], v] for (n, t, tags), v in gauges.items()]
+        )
+    )
+
+
+def decode_gauges(blob: bytes) -> dict[SeriesKey, float]:
+    rows = msgpack.unpackb(blob)
+    return {(n, t, tuple((k, v) for k, v in tags)): float(v) for n, t, tags, v in rows}
+
+
+class Daemon:
+    def __init__(self, config: Config, clock: Clock = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.interval = config.flush_interval
+        self.parser = Parser(clean_names=config.clean_names)
+        self.aggregator = Aggregator(
+            config.flush_interval, config.percentiles, gauge_deltas=config.gauge_deltas
+        )
+        self.ingest_stats = IngestStats()
+        self.listener_stats = listeners.ListenerStats()
+        self.selfstats = SelfStats(self.ingest_stats, self.listener_stats)
+        Path(config.storage_path).parent.mkdir(parents=True, exist_ok=True)
+        self.storage = Storage(config.storage_path, config.tiers)
+        self._events: list[tuple[Event, int]] = []
+        self._checks: list[tuple[ServiceCheck, int]] = []
+        # One writer thread owns every write to SQLite; reads use their own pool.
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="writer")
+        self._readers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="reader")
+        self._pending_flush: concurrent.futures.Future[None] | None = None
+        self._stop = asyncio.Event()
+        self.last_rollups: list[Rollup] = []
+        self.addresses: dict[str, str] = {}
+
+    # ------------------------------------------------------------ ingest (hot)
+
+    def ingest(self, data: bytes) -> None:
+        """Parse one datagram (or run of stream lines) into the open window."""
+        parsed = self.parser.parse(data)
+        stats = self.ingest_stats
+        stats.lines += parsed.lines
+        if parsed.samples:
+            stats.samples += len(parsed.samples)
+            self.aggregator.add(parsed.samples)
+        if parsed.bad:
+            bad = stats.bad
+            for reason in parsed.bad:
+                bad[reason] = bad.get(reason, 0) + 1
+        if parsed.events or parsed.checks:
+            arrival = int(self.clock())
+            stats.events += len(parsed.events)
+            stats.checks += len(parsed.checks)
+            self._events.extend((event, arrival) for event in parsed.events)
+            self._checks.extend((check, arrival) for check in parsed.checks)
+
+    # ------------------------------------------------------------ flushing
+
+    def window_start(self, now: float) -> int:
+        return int(now // self.interval) * self.interval
+
+    def flush(self, next_start: int) -> concurrent.futures.Future[None]:
+        """Close the open window (and any |T windows), hand them to the writer."""
+        started = self.clock()
+        self.aggregator.add(
+            self.selfstats.window_samples(
+                self.aggregator.series_count, self.selfstats.totals.last_flush_seconds
+            )
+        )
+        closed = self.aggregator.swap(next_start)
+        events, self._events = self._events, []
+        checks, self._checks = self._checks, []
+        gauges = self.aggregator.gauges()
+        future = self._writer.submit(self._write, closed, events, checks, gauges, started)
+        self._pending_flush = future
+        return future
+
+    def _write(
+        self,
+        closed: list[ClosedWindow],
+        events: list[tuple[Event, int]],
+        checks: list[tuple[ServiceCheck, int]],
+        gauges: dict[SeriesKey, float],
+        started: float,
+    ) -> None:
+        """Runs in the writer thread: snapshot, then one transaction."""
+        totals = self.selfstats.totals
+        try:
+            rollups: list[Rollup] = []
+            for window in closed:
+                rollups.extend(snapshot(window, self.config.percentiles))
+            self.storage.write(rollups, events, checks, {"gauges": encode_gauges(gauges)})
+            self.last_rollups = rollups
+        except Exception:
+            totals.flush_errors += 1
+            log.exception("flush failed")
+            raise
+        finally:
+            totals.flushes += 1
+            totals.last_flush_at = self.clock()
+            totals.last_flush_seconds = totals.last_flush_at - started
+
+    async def _flush_loop(self) -> None:
+        """Flush at every multiple of the interval, from a fixed origin."""
+        loop = asyncio.get_running_loop()
+        current = self.window_start(self.clock())
+        self.aggregator.open(current)
+        while not self._stop.is_set():
+            next_start = current + self.interval
+            delay = max(0.0, next_start - self.clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=delay)
+            if self._stop.is_set():
+                break
+            # A stalled loop (suspend, debugger) skips to the present window.
+            next_start = max(next_start, self.window_start(self.clock()))
+            self.flush(next_start)
+            current = next_start
+        # Final flush of the open window: nothing accepted is lost on stop.
+        future = self.flush(current + self.interval)
+        await asyncio.wait_for(asyncio.wrap_future(future, loop=loop), SHUTDOWN_STEP_SECONDS)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def health(self) -> dict[str, Any]:
+        totals = self.selfstats.totals
+        return {
+            "status": "ok",
+            "addresses": self.addresses,
+            "flush_interval": self.interval,
+            "flushes": totals.flushes,
+            "flush_errors": totals.flush_errors,
+            "last_flush_at": totals.last_flush_at,
+            "last_flush_seconds": round(totals.last_flush_seconds, 6),
+            "packets_received": totals.packets,
+            "lines_received": totals.lines,
+            "bad_lines": totals.bad_lines,
+            "series": self.aggregator.series_count,
+        }
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        config = self.config
+        state = await loop.run_in_executor(self._writer, self.storage.load_state)
+        if "gauges" in state:
+            self.aggregator.restore_gauges(decode_gauges(state["gauges"]))
+        bound = await listeners.start(
+            udp=config.udp,
+            tcp=config.tcp,
+            unix=config.unix,
+            unix_stream=config.unix_stream,
+            sink=self.ingest,
+            stats=self.listener_stats,
+            receive_buffer=config.udp_receive_buffer,
+            max_line=config.max_line_length,
+        )
+        runner: web.AppRunner | None = None
+        try:
+            self.addresses = dict(bound.addresses)
+            if config.http:
+                runner = await self._start_http()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.stop)
+            log.info(
+                "statsd-aggregator ready %s db=%s flush_interval=%ss",
+                " ".join(f"{k}={v}" for k, v in self.addresses.items()),
+                config.storage_path,
+                self.interval,
+            )
+            flusher = asyncio.create_task(self._flush_loop())
+            await self._stop.wait()
+            log.info("stopping: closing listeners, flushing the open window")
+            bound.close()
+            await bound.wait_closed()
+            await flusher
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            bound.close()
+            await bound.wait_closed()
+            if runner is not None:
+                await asyncio.wait_for(runner.cleanup(), SHUTDOWN_STEP_SECONDS)
+            self._readers.shutdown(wait=True)
+            self._writer.submit(self.storage.close).result(SHUTDOWN_STEP_SECONDS)
+            self._writer.shutdown(wait=True)
+            log.info("stopped")
+
+    async def _start_http(self) -> web.AppRunner:
+        app = api.create_app(
+            storage=self.storage,
+            config=self.config,
+            health=self.health,
+            executor=self._readers,
+            clock=self.clock,
+        )
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        host, port = split_address(self.config.http)
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        self.addresses["http"] = listeners.format_address(runner.addresses[0])
+        return runner
