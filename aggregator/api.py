@@ -3,6 +3,10 @@
 Every error, whatever its cause, is one JSON shape: {"error": "..."}; a
 bad parameter answers 400 and names the parameter. Queries run in a
 thread pool so the event loop keeps receiving metrics meanwhile.
+
+Besides the JSON API: the dashboard page (`/`, `/static/*`, no token
+needed: it holds no data) and `/api/v1/stream`, server-sent events, one
+per stored flush, which the page uses to refetch at once.
 """
 
 from __future__ import annotations
@@ -11,15 +15,18 @@ import asyncio
 import concurrent.futures
 import functools
 import hmac
+import json
 import logging
 import math
 import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
 
+from . import dashboards
 from .config import Config
 from .model import TYPE_CODES
 from .storage import QueryError, Storage
@@ -31,20 +38,70 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 STORAGE = web.AppKey("storage", Storage)
 CONFIG = web.AppKey("config", Config)
-HEALTH = web.AppKey("health", Callable[[], dict[str, Any]])
+HEALTH: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("health")
 EXECUTOR = web.AppKey("executor", concurrent.futures.Executor)
-CLOCK = web.AppKey("clock", Callable[[], float])
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 
 MAX_LIMIT = 10_000
 _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)(s|m|h|d|w)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PERCENTILE = re.compile(r"^p(\d{1,2}(?:\.\d+)?|100)$")
+MAX_STEP = 10 * 365 * 86400
+#: an idle event stream gets a comment this often, so proxies keep it open
+KEEPALIVE_SECONDS = 15.0
+STREAM_PATH = "/api/v1/stream"
+STATIC = Path(__file__).with_name("static")
+STATIC_FILES: web.AppKey[frozenset[str]] = web.AppKey("static_files")
+
+
+class FlushFeed:
+    """Tells waiting HTTP clients (server-sent events) that a flush was stored.
+
+    `publish` runs on the event loop thread; waiters get the flush's summary.
+    """
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.latest: dict[str, Any] = {}
+        self.closed = False
+        self._changed = asyncio.Event()
+
+    def publish(self, summary: dict[str, Any]) -> None:
+        self.seq += 1
+        self.latest = {"seq": self.seq, **summary}
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def close(self) -> None:
+        """Wake every waiter for good: the HTTP server is shutting down."""
+        self.closed = True
+        self._changed.set()
+
+    async def wait_after(self, seq: int, timeout: float) -> dict[str, Any] | None:
+        """The first flush newer than `seq`, or None after `timeout` seconds or on close."""
+        if self.seq > seq:
+            return self.latest
+        if self.closed:
+            return None
+        changed = self._changed
+        try:
+            await asyncio.wait_for(changed.wait(), timeout)
+        except TimeoutError:
+            return None
+        return self.latest if self.seq > seq else None
+
+
+FEED = web.AppKey("feed", FlushFeed)
 
 
 class BadParameter(Exception):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(f"{param}: {message}")
         self.param = param
+
+
+class NotFound(Exception):
+    """Answers 404 with the message."""
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -156,7 +213,7 @@ async def series(request: web.Request) -> web.Response:
     if not metric:
         raise BadParameter("metric", "is required")
     start, end = time_range(request)
-    step = positive_int(request, "step", 10 * 365 * 86400)
+    step = positive_int(request, "step", MAX_STEP)
     limit = positive_int(request, "limit", MAX_LIMIT)
     group_by = request.query.get("group_by") or None
     document = await _in_thread(
@@ -187,6 +244,130 @@ async def checks(request: web.Request) -> web.Response:
     return web.json_response({"checks": found})
 
 
+def _dashboard(request: web.Request, name: str) -> dashboards.Dashboard:
+    dashboard = request.app[CONFIG].dashboard(name)
+    if dashboard is None:
+        raise NotFound(f"no dashboard named {name!r}; GET /api/v1/dashboards lists them")
+    return dashboard
+
+
+def _dashboard_range(request: web.Request, dashboard: dashboards.Dashboard) -> tuple[int, int, int]:
+    """(start, end, step): the request's range (default: the dashboard's), and its step."""
+    start, end = time_range(request, default_from=f"-{dashboard.range}s")
+    step = positive_int(request, "step", MAX_STEP)
+    if step is None:
+        step = dashboards.chart_step(end - start, request.app[CONFIG].flush_interval)
+    return start, end, step
+
+
+async def dashboard_document(request: web.Request) -> web.Response:
+    """SPEC section 5: exactly the document of the dashboard named by http.dashboard."""
+    name = request.app[CONFIG].default_dashboard
+    if not name:
+        raise NotFound("no dashboard is served here (http.dashboard is empty)")
+    dashboard = _dashboard(request, name)
+    start, end, step = _dashboard_range(request, dashboard)
+    document = await _in_thread(
+        request,
+        dashboards.evaluate,
+        request.app[STORAGE],
+        dashboard,
+        start,
+        end,
+        step,
+        int(request.app[CLOCK]()),
+    )
+    return web.json_response(document)
+
+
+async def list_dashboards(request: web.Request) -> web.Response:
+    config = request.app[CONFIG]
+    return web.json_response(
+        {
+            "default": config.default_dashboard,
+            "dashboards": [d.describe() for d in config.dashboards],
+        }
+    )
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    """One dashboard's values and charts over the range, with the range really covered."""
+    found = _dashboard(request, request.match_info["name"])
+    start, end, step = _dashboard_range(request, found)
+    document = await _in_thread(
+        request,
+        _evaluate_with_charts,
+        request.app[STORAGE],
+        found,
+        start,
+        end,
+        step,
+        int(request.app[CLOCK]()),
+    )
+    return web.json_response(document)
+
+
+def _evaluate_with_charts(
+    storage: Storage, found: dashboards.Dashboard, start: int, end: int, step: int, now: int
+) -> dict[str, Any]:
+    first, last = dashboards.aligned(start, end, step)
+    return {
+        "name": found.name,
+        "title": found.title,
+        "from": first,
+        "to": last,
+        "step": step,
+        "values": dashboards.evaluate(storage, found, start, end, step, now),
+        "charts": dashboards.evaluate_charts(storage, found, start, end, step, now),
+    }
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: one `flush` event per stored flush, a comment when idle."""
+    feed = request.app[FEED]
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # nginx: pass each event on at once
+        }
+    )
+    await response.prepare(request)
+    seq = feed.seq
+    try:
+        # retry: how long a browser waits before reconnecting after a drop
+        await response.write(b"retry: 2000\n: connected\n\n")
+        while not feed.closed:
+            flush = await feed.wait_after(seq, KEEPALIVE_SECONDS)
+            if flush is None:
+                if not feed.closed:
+                    await response.write(b": keep-alive\n\n")
+                continue
+            seq = flush["seq"]
+            data = json.dumps(flush, separators=(",", ":"))
+            await response.write(f"id: {seq}\nevent: flush\ndata: {data}\n\n".encode())
+    except ConnectionResetError:  # the client went away; nothing to answer
+        pass
+    return response
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def static_file(request: web.Request) -> web.FileResponse:
+    """Only the files shipped in aggregator/static/, by exact name: no paths, no listing."""
+    name = request.match_info["name"]
+    if name not in request.app[STATIC_FILES]:
+        raise NotFound(f"no file /static/{name}")
+    return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
+
+
+async def _close_streams(app: web.Application) -> None:
+    """on_shutdown: end the event streams, or the server would wait for them."""
+    app[FEED].close()
+
+
 # ------------------------------------------------------------------ middleware
 
 
@@ -197,6 +378,11 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     except BadParameter as exc:
         return error_response(400, str(exc))
+    except NotFound as exc:
+        return error_response(404, str(exc))
+    except dashboards.EvaluationError as exc:  # a definition that data contradicts
+        log.warning("dashboard: %s", exc)
+        return error_response(500, str(exc))
     except QueryError as exc:
         status = 404 if exc.param == "metric" and "not found" in exc.message else 400
         return error_response(status, f"{exc.param}: {exc.message}")
@@ -209,12 +395,17 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 def auth_middleware(token: str) -> Any:
     expected = f"Bearer {token}".encode()
+    bare = token.encode()
 
     @web.middleware
     async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/api/"):
             given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            allowed = hmac.compare_digest(given, expected)
+            if not allowed and request.path == STREAM_PATH:
+                # EventSource cannot send headers: the stream takes ?token= too.
+                allowed = hmac.compare_digest(request.query.get("token", "").encode(), bare)
+            if not allowed:
                 return error_response(401, "missing or wrong token (Authorization: Bearer ...)")
         return await handler(request)
 
@@ -228,6 +419,7 @@ def create_app(
     health: Callable[[], dict[str, Any]],
     executor: concurrent.futures.Executor,
     clock: Callable[[], float],
+    feed: FlushFeed,
 ) -> web.Application:
     middlewares = [json_errors]
     if config.token:
@@ -238,9 +430,18 @@ def create_app(
     app[HEALTH] = health
     app[EXECUTOR] = executor
     app[CLOCK] = clock
+    app[FEED] = feed
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/api/v1/metrics", list_metrics)
     app.router.add_get("/api/v1/series", series)
     app.router.add_get("/api/v1/events", events)
     app.router.add_get("/api/v1/checks", checks)
+    app.router.add_get("/api/metrics/dashboard", dashboard_document)
+    app.router.add_get("/api/v1/dashboards", list_dashboards)
+    app.router.add_get("/api/v1/dashboards/{name}", dashboard)
+    app.router.add_get(STREAM_PATH, stream)
+    app.router.add_get("/", index)
+    app[STATIC_FILES] = frozenset(p.name for p in STATIC.iterdir() if p.is_file())
+    app.router.add_get("/static/{name}", static_file)
+    app.on_shutdown.append(_close_streams)
     return app

@@ -14,8 +14,8 @@ import contextlib
 import logging
 import signal
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -25,6 +25,7 @@ from . import api, listeners
 from .aggregate import Aggregator, ClosedWindow, snapshot
 from .config import Config, split_address
 from .model import Event, Rollup, SeriesKey, ServiceCheck
+from .notify import Notifier
 from .protocol import Parser
 from .selfstats import IngestStats, SelfStats
 from .storage import Storage
@@ -74,6 +75,9 @@ class Daemon:
         self._stop = asyncio.Event()
         self.last_rollups: list[Rollup] = []
         self.addresses: dict[str, str] = {}
+        self.feed = api.FlushFeed()
+        self.notifier = Notifier()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------ ingest (hot)
 
@@ -133,6 +137,9 @@ class Daemon:
                 rollups.extend(snapshot(window, self.config.percentiles))
             self.storage.write(rollups, events, checks, {"gauges": encode_gauges(gauges)})
             self.last_rollups = rollups
+            if self._loop is not None:
+                summary = {"windows": [w.start for w in closed], "rollups": len(rollups)}
+                self._loop.call_soon_threadsafe(self.feed.publish, summary)
         except Exception:
             totals.flush_errors += 1
             log.exception("flush failed")
@@ -162,6 +169,16 @@ class Daemon:
         future = self.flush(current + self.interval)
         await asyncio.wait_for(asyncio.wrap_future(future, loop=loop), SHUTDOWN_STEP_SECONDS)
 
+    async def _watchdog_loop(self) -> None:
+        """Ping systemd's watchdog from the event loop, so a stuck loop stops pinging."""
+        seconds = self.notifier.watchdog_seconds
+        if seconds is None:
+            return
+        while not self._stop.is_set():
+            self.notifier.watchdog()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), seconds / 2)
+
     # ------------------------------------------------------------ lifecycle
 
     def health(self) -> dict[str, Any]:
@@ -184,7 +201,7 @@ class Daemon:
         self._stop.set()
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         config = self.config
         state = await loop.run_in_executor(self._writer, self.storage.load_state)
         if "gauges" in state:
@@ -212,9 +229,13 @@ class Daemon:
                 config.storage_path,
                 self.interval,
             )
+            self.notifier.ready(" ".join(f"{k}={v}" for k, v in self.addresses.items()))
             flusher = asyncio.create_task(self._flush_loop())
+            watchdog = asyncio.create_task(self._watchdog_loop())
             await self._stop.wait()
             log.info("stopping: closing listeners, flushing the open window")
+            self.notifier.stopping()
+            watchdog.cancel()
             bound.close()
             await bound.wait_closed()
             await flusher
@@ -237,6 +258,7 @@ class Daemon:
             health=self.health,
             executor=self._readers,
             clock=self.clock,
+            feed=self.feed,
         )
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()

@@ -1,0 +1,381 @@
+"""Per-window aggregation: samples in, rollups out (SPEC section 4).
+
+Two halves with one owner each:
+
+* :class:`Aggregator` is fed by the listener side (``add``, the hot path:
+  hundreds of thousands of samples a second) and swapped by the flush loop.
+  It only appends raw values to per-window dicts; nothing costly (no log(),
+  no sorting, no sketch) runs per sample.
+* :func:`snapshot` turns one :class:`ClosedWindow` into rollups.  It is pure
+  and reads only what ``swap`` handed over, so it may run in another thread
+  while ``add`` fills the next window.
+
+Semantics, with the row of ``CONFORMANCE.md`` each follows:
+
+* counter: sum += value / rate, count += 1 / rate (``foo:1|c|@0.1`` -> +10);
+  min = max = last = sum, the window's value.
+* gauge: a delta (``+3`` / ``-5``, Etsy statsd) adds to the persisted value,
+  even one from an earlier window; a never-seen gauge starts at 0.  With
+  ``gauge_deltas=False`` the signed value is absolute.  Every persisted gauge
+  is emitted in every window, unchanged ones with last = min = max = value.
+  min and max cover every value the gauge held during the window, which
+  includes the value it carried in from the previous window until the first
+  change.  sum = last, count = 1.  Sample rates are ignored.
+* timer / histogram / distribution: weight = 1 / rate; count = sum of
+  weights, sum = sum(value * weight), last = last value received; exact
+  weighted nearest-rank percentiles from the raw values, and the sketch.
+* set: count = distinct members (exact for the window); sum = min = max =
+  last = count; the state is a SetState.  Rates are ignored.
+* ``|T`` timestamps: a sample lands in the window of its timestamp (the open
+  window when it falls there).  Such a window is closed at the next swap,
+  which may repeat a (series, start) that an earlier flush already wrote: the
+  writer must merge those rows, not replace them (ClosedWindow.timestamped).
+  A gauge in a timestamped window sets that window's value only, never the
+  persisted current value; a delta there applies to the window's last value,
+  else to the current persisted value.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any
+
+from .model import COUNTER, DISTRIBUTION_TYPES, GAUGE, SET, Rollup, Sample, SeriesKey
+from .sketch import RANK_EPSILON, SetState, Sketch
+
+__all__ = ["Aggregator", "ClosedWindow", "exact_quantiles", "snapshot"]
+
+
+class _Window:
+    """The raw state of one window, owned by the Aggregator until swapped out."""
+
+    __slots__ = ("counters", "gauges", "sets", "start", "timers", "weights")
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        #: key -> [sum of value/rate, sum of 1/rate]
+        self.counters: dict[SeriesKey, list[float]] = {}
+        #: key -> raw values in arrival order
+        self.timers: dict[SeriesKey, list[float]] = {}
+        #: key -> weights parallel to timers[key]; only for series that saw a
+        #: rate below 1, and possibly shorter than the values (missing = 1.0)
+        self.weights: dict[SeriesKey, list[float]] = {}
+        #: key -> [last, min, max] of the gauges touched in this window
+        self.gauges: dict[SeriesKey, list[float]] = {}
+        #: key -> distinct members
+        self.sets: dict[SeriesKey, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self.counters) + len(self.timers) + len(self.gauges) + len(self.sets)
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedWindow:
+    """What ``swap`` hands to :func:`snapshot`: one window's raw state.
+
+    ``persisted`` is a shallow copy of every persisted gauge at the swap, for
+    the window that was open (all of them are emitted); it is None for a
+    window made of ``|T`` samples only (``timestamped`` is then True).
+    """
+
+    start: int
+    counters: dict[SeriesKey, list[float]]
+    timers: dict[SeriesKey, list[float]]
+    weights: dict[SeriesKey, list[float]]
+    gauges: dict[SeriesKey, list[float]]
+    sets: dict[SeriesKey, set[str]]
+    persisted: dict[SeriesKey, float] | None
+
+    @property
+    def timestamped(self) -> bool:
+        """True for a window of ``|T`` samples: its rows may need merging."""
+        return self.persisted is None
+
+    @classmethod
+    def _of(cls, window: _Window, persisted: dict[SeriesKey, float] | None) -> ClosedWindow:
+        return cls(
+            window.start,
+            window.counters,
+            window.timers,
+            window.weights,
+            window.gauges,
+            window.sets,
+            persisted,
+        )
+
+
+class Aggregator:
+    """Accumulates samples into aligned windows; one owner (the intake side)."""
+
+    def __init__(
+        self, interval: int, percentiles: Sequence[float], gauge_deltas: bool = True
+    ) -> None:
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, got {interval!r}")
+        self.interval = interval
+        self.percentiles = tuple(float(p) for p in percentiles)
+        self.gauge_deltas = gauge_deltas
+        self._open = _Window(0)
+        #: windows of |T samples outside the open window, by start
+        self._timestamped: dict[int, _Window] = {}
+        #: the current value of every gauge ever set (SPEC 4: gauges persist)
+        self._gauges: dict[SeriesKey, float] = {}
+
+    def open(self, start: int) -> None:
+        """Set the start of the open window (the flush loop calls it once at startup)."""
+        self._open.start = start
+
+    @property
+    def start(self) -> int:
+        """Start of the open window."""
+        return self._open.start
+
+    @property
+    def series_count(self) -> int:
+        """Distinct series the open window will emit (every persisted gauge included)."""
+        w = self._open
+        return len(w.counters) + len(w.timers) + len(w.sets) + len(self._gauges)
+
+    def gauges(self) -> dict[SeriesKey, float]:
+        """A copy of the persisted gauge values (to carry across a restart)."""
+        return dict(self._gauges)
+
+    def restore_gauges(self, gauges: dict[SeriesKey, float]) -> None:
+        """Load gauge values saved by a previous run; later samples override them."""
+        self._gauges.update(gauges)
+
+    def add(self, samples: Iterable[Sample]) -> None:
+        """Fold samples into their windows.  The hot path: keep it lean.
+
+        Each branch does a dict lookup and a list append or two float adds;
+        memory is allocated only for a series' first sample in a window.
+        """
+        w = self._open
+        start = w.start
+        interval = self.interval
+        counters = w.counters
+        timers = w.timers
+        sets = w.sets
+        value: Any
+        for sample in samples:
+            name, kind, tags, value, rate, ts, delta = sample
+            if ts is not None and ts - ts % interval != start:
+                self._add_timestamped(sample, ts - ts % interval)
+                continue
+            if kind == COUNTER:
+                key = (name, kind, tags)
+                acc = counters.get(key)
+                if rate == 1.0:
+                    if acc is None:
+                        counters[key] = [value, 1.0]
+                    else:
+                        acc[0] += value
+                        acc[1] += 1.0
+                elif acc is None:
+                    counters[key] = [value / rate, 1.0 / rate]
+                else:
+                    acc[0] += value / rate
+                    acc[1] += 1.0 / rate
+            elif kind in DISTRIBUTION_TYPES:
+                key = (name, kind, tags)
+                values = timers.get(key)
+                if values is None:
+                    timers[key] = values = [value]
+                else:
+                    values.append(value)
+                if rate != 1.0:
+                    _add_weight(w.weights, key, len(values), 1.0 / rate)
+            elif kind == GAUGE:
+                self._add_gauge((name, kind, tags), value, delta)
+            elif kind == SET:
+                key = (name, kind, tags)
+                members = sets.get(key)
+                if members is None:
+                    sets[key] = {value}
+                else:
+                    members.add(value)
+            # any other code cannot come out of the parser; ignore it
+
+    def _add_gauge(self, key: SeriesKey, value: float, delta: bool) -> None:
+        """Set (or move, for a delta) a gauge in the open window."""
+        persisted = self._gauges
+        prior = persisted.get(key)
+        if delta and self.gauge_deltas:
+            value = (prior or 0.0) + value
+        persisted[key] = value
+        stats = self._open.gauges.get(key)
+        if stats is None:
+            if prior is None:
+                self._open.gauges[key] = [value, value, value]
+            else:
+                # the carried-in value was held from the window start until now
+                self._open.gauges[key] = [value, min(prior, value), max(prior, value)]
+        else:
+            stats[0] = value
+            if value < stats[1]:
+                stats[1] = value
+            elif value > stats[2]:
+                stats[2] = value
+
+    def _add_timestamped(self, sample: Sample, start: int) -> None:
+        """A ``|T`` sample outside the open window: rare, so simple beats fast."""
+        window = self._timestamped.get(start)
+        if window is None:
+            window = self._timestamped[start] = _Window(start)
+        key: SeriesKey = (sample.name, sample.type, sample.tags)
+        value: Any = sample.value
+        kind = sample.type
+        rate = sample.rate
+        if kind == COUNTER:
+            acc = window.counters.setdefault(key, [0.0, 0.0])
+            acc[0] += value / rate
+            acc[1] += 1.0 / rate
+        elif kind in DISTRIBUTION_TYPES:
+            values = window.timers.setdefault(key, [])
+            values.append(value)
+            if rate != 1.0:
+                _add_weight(window.weights, key, len(values), 1.0 / rate)
+        elif kind == GAUGE:
+            stats = window.gauges.get(key)
+            if sample.delta and self.gauge_deltas:
+                base = stats[0] if stats is not None else self._gauges.get(key, 0.0)
+                value = base + value
+            if stats is None:
+                window.gauges[key] = [value, value, value]
+            else:
+                stats[0] = value
+                stats[1] = min(stats[1], value)
+                stats[2] = max(stats[2], value)
+        elif kind == SET:
+            window.sets.setdefault(key, set()).add(value)
+
+    def swap(self, next_start: int) -> list[ClosedWindow]:
+        """Close the open window and every timestamped one; open ``next_start``.
+
+        O(number of windows) plus one C-level copy of the persisted gauge dict;
+        the open window comes first, then timestamped windows by start.
+        Timestamped windows that received nothing are not returned.
+        """
+        closed = [ClosedWindow._of(self._open, dict(self._gauges))]
+        for start in sorted(self._timestamped):
+            closed.append(ClosedWindow._of(self._timestamped[start], None))
+        self._open = _Window(next_start)
+        self._timestamped = {}
+        return closed
+
+
+def _add_weight(
+    weights: dict[SeriesKey, list[float]], key: SeriesKey, n: int, weight: float
+) -> None:
+    """Record the weight of a series' n-th value, padding earlier ones with 1.0.
+
+    Weights exist only for series that saw a sample rate below 1, so the
+    common unsampled timer pays nothing for them.
+    """
+    column = weights.get(key)
+    if column is None:
+        column = weights[key] = []
+    if len(column) < n - 1:
+        column.extend([1.0] * (n - 1 - len(column)))
+    column.append(weight)
+
+
+def exact_quantiles(
+    values: Sequence[float], weights: Sequence[float] | None, percentiles: Sequence[float]
+) -> list[float]:
+    """Weighted nearest-rank percentiles (p in [0, 100]) of raw values.
+
+    The definition of sketch.py: the smallest x whose cumulative weight is at
+    least p/100 of the total (p = 0 gives the minimum).
+    """
+    if not values:
+        raise ValueError("percentile of no values")
+    if weights is None:
+        ordered = sorted(values)
+        n = len(ordered)
+        out = []
+        for p in percentiles:
+            # p * n is exact for integer p and n: no 0.07 * 100 surprises
+            rank = math.ceil(p * n / 100.0 * (1.0 - RANK_EPSILON))
+            out.append(ordered[min(max(rank, 1), n) - 1])
+        return out
+    order = sorted(range(len(values)), key=values.__getitem__)
+    cumulative = list(accumulate(weights[i] for i in order))
+    total = cumulative[-1]
+    last = len(order) - 1
+    out = []
+    for p in percentiles:
+        if p <= 0.0:
+            out.append(values[order[0]])
+            continue
+        position = bisect_left(cumulative, p / 100.0 * total * (1.0 - RANK_EPSILON))
+        out.append(values[order[min(position, last)]])
+    return out
+
+
+def snapshot(closed: ClosedWindow, percentiles: Sequence[float]) -> list[Rollup]:
+    """The rollups of one closed window, sorted by (name, type, tags).
+
+    Pure: reads the window, never changes it, so it can run off the intake
+    thread.
+    """
+    start = closed.start
+    ps = tuple(float(p) for p in percentiles)
+    rollups: list[Rollup] = []
+    append = rollups.append
+    for key, (total, count) in closed.counters.items():
+        append(Rollup(*key, start, count, total, total, total, total))
+    _gauge_rollups(closed, append)
+    for key, values in closed.timers.items():
+        append(_distribution_rollup(key, start, values, closed.weights.get(key), ps))
+    for key, members in closed.sets.items():
+        n = float(len(members))
+        state = SetState.from_members(
+            m if isinstance(m, str) else repr(m) for m in members
+        ).to_bytes()
+        append(Rollup(*key, start, n, n, n, n, n, state))
+    rollups.sort(key=_series_order)
+    return rollups
+
+
+def _series_order(rollup: Rollup) -> tuple[str, str, Any]:
+    return (rollup.name, rollup.type, rollup.tags)
+
+
+def _gauge_rollups(closed: ClosedWindow, append: Any) -> None:
+    """Touched gauges with their window stats, untouched persisted ones flat."""
+    start = closed.start
+    touched = closed.gauges
+    for key, (last, low, high) in touched.items():
+        append(Rollup(*key, start, 1.0, last, low, high, last))
+    if closed.persisted is not None:
+        for key, value in closed.persisted.items():
+            if key not in touched:
+                append(Rollup(*key, start, 1.0, value, value, value, value))
+
+
+def _distribution_rollup(
+    key: SeriesKey,
+    start: int,
+    values: list[float],
+    weights: list[float] | None,
+    percentiles: tuple[float, ...],
+) -> Rollup:
+    """count/sum/min/max/last, exact percentiles and the sketch of one series."""
+    if weights is not None and len(weights) < len(values):
+        weights = weights + [1.0] * (len(values) - len(weights))
+    if weights is None:
+        count = float(len(values))
+        total = math.fsum(values)
+    else:
+        count = math.fsum(weights)
+        total = math.fsum(v * w for v, w in zip(values, weights, strict=True))
+    quantiles = tuple(zip(percentiles, exact_quantiles(values, weights, percentiles), strict=True))
+    sketch = Sketch.from_values(values, weights)
+    return Rollup(
+        *key, start, count, total, sketch.min, sketch.max, values[-1], sketch.to_bytes(), quantiles
+    )
