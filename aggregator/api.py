@@ -311,14 +311,15 @@ def _evaluate_with_charts(
     storage: Storage, found: dashboards.Dashboard, start: int, end: int, step: int, now: int
 ) -> dict[str, Any]:
     first, last = dashboards.aligned(start, end, step)
+    values, charts = dashboards.evaluate_all(storage, found, start, end, step, now)
     return {
         "name": found.name,
         "title": found.title,
         "from": first,
         "to": last,
         "step": step,
-        "values": dashboards.evaluate(storage, found, start, end, step, now),
-        "charts": dashboards.evaluate_charts(storage, found, start, end, step, now),
+        "values": values,
+        "charts": charts,
     }
 
 
@@ -439,7 +440,7 @@ def create_app(
     app.router.add_get("/api/metrics/dashboard", dashboard_document)
     app.router.add_get("/api/v1/dashboards", list_dashboards)
     app.router.add_get("/api/v1/dashboards/{name}", dashboard)
-    app.router.add_get(STREAM_PATH, stream)
+    app.router.add_get(STREAM_PATH, stream, allow_head=False)
     app.router.add_get("/", index)
     app[STATIC_FILES] = frozenset(p.name for p in STATIC.iterdir() if p.is_file())
     app.router.add_get("/static/{name}", static_file)

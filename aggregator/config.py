@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .dashboards import BUILTIN as BUILTIN_DASHBOARDS
+from .dashboards import Dashboard, DefinitionError, parse_dashboards
+
 
 class ConfigError(Exception):
     """A configuration problem; the message names the file and the key."""
@@ -60,7 +63,12 @@ class Config:
     downsample: tuple[Tier, ...]
     token: str
     allow_unauthenticated: bool
+    default_dashboard: str  # served by /api/metrics/dashboard; "" for none
+    dashboards: tuple[Dashboard, ...]
     source: str  # the file it came from, or "built-in defaults"
+
+    def dashboard(self, name: str) -> Dashboard | None:
+        return next((d for d in self.dashboards if d.name == name), None)
 
     @property
     def tiers(self) -> tuple[Tier, ...]:
@@ -245,7 +253,20 @@ SETTINGS: tuple[Setting, ...] = (
         "allow the API on a non-loopback address without a token",
         _bool,
     ),
+    Setting(
+        "http",
+        "dashboard",
+        "sigma_playground",
+        "the dashboard (a [dashboards.<name>] table) that /api/metrics/dashboard answers "
+        'and the page at / opens; "" for none',
+        _string,
+    ),
 )
+
+#: The [dashboards.<name>] tables are structured definitions, not settings:
+#: dashboards.py parses them and documents their keys (dashboards.KEYS).
+#: Without a [dashboards] table in the file, the built-in ones apply.
+DASHBOARDS_SECTION = "dashboards"
 
 _FIELD = {
     "listen.udp": "udp",
@@ -264,6 +285,7 @@ _FIELD = {
     "storage.downsample": "downsample",
     "http.token": "token",
     "http.allow_unauthenticated": "allow_unauthenticated",
+    "http.dashboard": "default_dashboard",
 }
 
 #: command-line flag -> setting it overrides
@@ -300,6 +322,7 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Co
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
     values = _read_settings(raw, source)
+    values["dashboards"] = _read_dashboards(raw, source)
     for dotted, value in (overrides or {}).items():
         setting = _by_name(dotted)
         values[_FIELD[dotted]] = _checked(setting, value, "command line")
@@ -317,6 +340,8 @@ def _by_name(dotted: str) -> Setting:
 def _read_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:
     known_sections = {s.section for s in SETTINGS}
     for section, table in raw.items():
+        if section == DASHBOARDS_SECTION:
+            continue
         if section not in known_sections:
             raise ConfigError(f"{source}: unknown section [{section}]")
         if not isinstance(table, dict):
@@ -329,6 +354,13 @@ def _read_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:
         value = raw.get(setting.section, {}).get(setting.key, setting.default)
         values[_FIELD[setting.dotted]] = _checked(setting, value, source)
     return values
+
+
+def _read_dashboards(raw: dict[str, Any], source: str) -> tuple[Dashboard, ...]:
+    try:
+        return parse_dashboards(raw.get(DASHBOARDS_SECTION, BUILTIN_DASHBOARDS), parse_duration)
+    except DefinitionError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
 
 
 def _checked(setting: Setting, value: Any, source: str) -> Any:
@@ -346,6 +378,13 @@ def _check_together(values: dict[str, Any], source: str) -> None:
                 f"{source}: storage.downsample resolution {tier.resolution}s is not a multiple "
                 f"of aggregation.flush_interval ({interval}s) greater than it"
             )
+    served = values["default_dashboard"]
+    defined = [d.name for d in values["dashboards"]]
+    if served and served not in defined:
+        raise ConfigError(
+            f"{source}: http.dashboard {served!r} is not defined "
+            f"(dashboards: {', '.join(defined) or 'none'})"
+        )
     http = values["http"]
     if http and not values["token"] and not values["allow_unauthenticated"]:
         host, _ = split_address(http)

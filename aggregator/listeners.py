@@ -62,8 +62,8 @@ class _StreamProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not subclasses of asyncio.Transport.
+        self._transport = transport  # type: ignore[assignment]
         self._stats.connections += 1
 
     def connection_lost(self, exc: Exception | None) -> None:

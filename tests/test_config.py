@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from aggregator import config
-from aggregator.config import SETTINGS, ConfigError, Tier
+from aggregator import config, dashboards
+from aggregator.config import DASHBOARDS_SECTION, SETTINGS, ConfigError, Tier
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +28,21 @@ def test_defaults_without_a_file() -> None:
 def test_shipped_config_shows_every_setting_with_its_default() -> None:
     raw = tomllib.loads((ROOT / "config.toml").read_text())
     shown = {
-        f"{section}.{key}": value for section, table in raw.items() for key, value in table.items()
+        f"{section}.{key}": value
+        for section, table in raw.items()
+        if section != DASHBOARDS_SECTION
+        for key, value in table.items()
     }
     assert shown == {s.dotted: s.default for s in SETTINGS}
+
+
+def test_shipped_config_shows_the_builtin_dashboards() -> None:
+    # The dashboard tables are structured definitions, not settings: the
+    # shipped file shows exactly the built-in ones (tests/test_dashboards.py
+    # checks what they compute).
+    raw = tomllib.loads((ROOT / "config.toml").read_text())
+    assert raw[DASHBOARDS_SECTION] == dashboards.BUILTIN
+    assert config.load(ROOT / "config.toml").dashboards == config.load(None).dashboards
 
 
 def test_shipped_config_comments_every_key() -> None:
