@@ -72,8 +72,20 @@ class Config:
 
     @property
     def tiers(self) -> tuple[Tier, ...]:
-        """Every storage tier, finest (the flush interval) first."""
-        return (Tier(self.flush_interval, self.raw_retention), *self.downsample)
+        """Every storage tier, finest (the flush interval) first.
+
+        A downsample tier at the flush resolution itself is the raw tier,
+        kept for the longer of the two retentions (so flush_interval = 60
+        works with the default "1m:30d").
+        """
+        raw = Tier(self.flush_interval, self.raw_retention)
+        coarser = []
+        for tier in self.downsample:
+            if tier.resolution == self.flush_interval:
+                raw = Tier(raw.resolution, max(raw.retention, tier.retention))
+            else:
+                coarser.append(tier)
+        return (raw, *coarser)
 
 
 # ---------------------------------------------------------------- value checks
@@ -373,10 +385,10 @@ def _checked(setting: Setting, value: Any, source: str) -> Any:
 def _check_together(values: dict[str, Any], source: str) -> None:
     interval = values["flush_interval"]
     for tier in values["downsample"]:
-        if tier.resolution % interval or tier.resolution <= interval:
+        if tier.resolution % interval:
             raise ConfigError(
                 f"{source}: storage.downsample resolution {tier.resolution}s is not a multiple "
-                f"of aggregation.flush_interval ({interval}s) greater than it"
+                f"of aggregation.flush_interval ({interval}s)"
             )
     served = values["default_dashboard"]
     defined = [d.name for d in values["dashboards"]]

@@ -191,9 +191,7 @@ class Daemon:
             "flush_errors": totals.flush_errors,
             "last_flush_at": totals.last_flush_at,
             "last_flush_seconds": round(totals.last_flush_seconds, 6),
-            "packets_received": totals.packets,
-            "lines_received": totals.lines,
-            "bad_lines": totals.bad_lines,
+            **self.selfstats.live_totals(),
             "series": self.aggregator.series_count,
         }
 

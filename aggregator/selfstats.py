@@ -51,6 +51,16 @@ class SelfStats:
         self._seen_bytes = 0
         self._seen_too_long = 0
 
+    def live_totals(self) -> dict[str, int]:
+        """Totals since start, including the window still open."""
+        listeners, ingest, totals = self.listeners, self.ingest, self.totals
+        open_bad = sum(ingest.bad.values()) + listeners.too_long - self._seen_too_long
+        return {
+            "packets_received": totals.packets + listeners.packets - self._seen_packets,
+            "lines_received": totals.lines + ingest.lines,
+            "bad_lines": totals.bad_lines + open_bad,
+        }
+
     def window_samples(self, series: int, last_flush_seconds: float) -> list[Sample]:
         """Samples describing the window that is about to close."""
         ingest, listeners = self.ingest, self.listeners

@@ -127,3 +127,9 @@ def test_bad_flag_value_names_the_command_line() -> None:
 )
 def test_durations(text: str, seconds: int) -> None:
     assert config.parse_duration(text) == seconds
+
+
+def test_a_downsample_tier_at_the_flush_resolution_extends_the_raw_tier(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[aggregation]\nflush_interval = 60\n")
+    assert config.load(path).tiers == (Tier(60, 30 * 86400), Tier(3600, 2 * 365 * 86400))

@@ -43,7 +43,9 @@ def wait_for(
             if result:
                 return result
         time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last error: {last_error})")
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what} (last error: {last_error})"
+    )
 
 
 class Daemon:
@@ -91,15 +93,16 @@ class Daemon:
 
     def _read_log(self, proc: subprocess.Popen[str]) -> None:
         assert proc.stderr is not None
-        for line in proc.stderr:
-            self.log.append(line)
-            match = READY.search(line)
-            if match and not self._ready.is_set():
-                for word in match.group("rest").split():
-                    key, _, value = word.partition("=")
-                    if value:
-                        self.addresses[key] = value
-                self._ready.set()
+        with proc.stderr:  # closed at EOF: no ResourceWarning for the pipe
+            for line in proc.stderr:
+                self.log.append(line)
+                match = READY.search(line)
+                if match and not self._ready.is_set():
+                    for word in match.group("rest").split():
+                        key, _, value = word.partition("=")
+                        if value:
+                            self.addresses[key] = value
+                    self._ready.set()
 
     # -------------------------------------------------------------- addresses
 
@@ -120,6 +123,19 @@ class Daemon:
 
     def send_tcp(self, data: bytes) -> None:
         with socket.create_connection(self.addr("tcp"), timeout=5) as sock:
+            sock.sendall(data)
+
+    def send_unix(self, *datagrams: bytes) -> None:
+        """Datagrams to the unix datagram listener (`--unix PATH`)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            for datagram in datagrams:
+                sock.sendto(datagram, self.addresses["unix"])
+
+    def send_unix_stream(self, data: bytes) -> None:
+        """Bytes over one connection to the unix stream listener (`--unix-stream PATH`)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(self.addresses["unix_stream"])
             sock.sendall(data)
 
     # -------------------------------------------------------------- HTTP
@@ -154,6 +170,17 @@ class Daemon:
         result: dict[str, Any] = self.get("/api/v1/series", query)
         return result
 
+    def query(self, metric: str, *params: tuple[str, str]) -> dict[str, Any]:
+        """GET /api/v1/series with repeatable parameters, e.g. ("tag", "a:b"), ("tag", "c:d").
+
+        `from` defaults to -1h unless given.
+        """
+        query = [("metric", metric), *params]
+        if not any(key == "from" for key, _ in params):
+            query.append(("from", "-1h"))
+        result: dict[str, Any] = self.get("/api/v1/series", query)
+        return result
+
     def value(self, metric: str, **params: str) -> float | None:
         """The whole-range value of a metric, or None while it has no data."""
         status, body = self.request(
@@ -164,13 +191,28 @@ class Daemon:
         value: float = body["series"][0]["value"]
         return value
 
-    def wait_value(self, metric: str, expected: float, timeout: float = 15.0, **params: str) -> float:
+    def wait_value(
+        self, metric: str, expected: float, timeout: float = 15.0, **params: str
+    ) -> float:
         def reached() -> bool:
             got = self.value(metric, **params)
             return got is not None and abs(got - expected) <= 1e-9 * max(1.0, abs(expected))
 
         wait_for(reached, timeout, f"{metric} {params} == {expected}")
         return expected
+
+    def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.get("/healthz")
+        return result
+
+    def wait_health(self, key: str, at_least: float, timeout: float = 15.0) -> dict[str, Any]:
+        """Wait until /healthz reports `key` >= `at_least`; returns that document."""
+
+        def reached() -> dict[str, Any] | None:
+            health = self.health()
+            return health if health[key] >= at_least else None
+
+        return wait_for(reached, timeout, f"/healthz {key} >= {at_least}")
 
     # -------------------------------------------------------------- stopping
 
@@ -183,6 +225,64 @@ class Daemon:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run `python -m aggregator ARGS` to completion (for --help, check-config, bad configs)."""
+    return subprocess.run(
+        [sys.executable, "-m", "aggregator", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+
+
+def client_env() -> dict[str, str]:
+    """The environment without DD_* / STATSD_* variables, which clients turn into tags."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("DD_", "STATSD_"))}
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port that was free a moment ago (for tests that must name a port)."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def nearest_rank(
+    values: Iterable[float], q: float, weights: Iterable[float] | None = None
+) -> float:
+    """Exact weighted nearest-rank percentile: the smallest x whose cumulative
+    weight is >= q/100 of the total weight."""
+    if weights is None:
+        pairs = sorted((v, 1.0) for v in values)
+    else:
+        pairs = sorted(zip(values, weights, strict=True))
+    total = sum(w for _, w in pairs)
+    target = q / 100.0 * total
+    cumulative = 0.0
+    for value, weight in pairs:
+        cumulative += weight
+        if cumulative >= target:
+            return value
+    return pairs[-1][0]
+
+
+def udp_socket_stats(port: int) -> tuple[int, int]:
+    """(bytes waiting in the receive queue, datagrams dropped) of the UDP socket
+    bound to 127.0.0.1:`port`, from /proc/net/udp (Linux)."""
+    wanted = f"0100007F:{port:04X}"
+    with open("/proc/net/udp") as table:
+        next(table)
+        for row in table:
+            fields = row.split()
+            if fields[1] == wanted:
+                rx_queue = int(fields[4].split(":")[1], 16)
+                return rx_queue, int(fields[-1])
+    raise AssertionError(f"no UDP socket on 127.0.0.1:{port} in /proc/net/udp")
 
 
 def config_text(flush_interval: int = 1, extra: str = "", **listen: str) -> str:
