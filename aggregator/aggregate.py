@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
+from .limits import TIMESTAMP_OUT_OF_RANGE, Budget, Drops, Limits
 from .model import COUNTER, DISTRIBUTION_TYPES, GAUGE, SET, Rollup, Sample, SeriesKey
 from .sketch import RANK_EPSILON, SetState, Sketch
 
@@ -112,13 +113,22 @@ class Aggregator:
     """Accumulates samples into aligned windows; one owner (the intake side)."""
 
     def __init__(
-        self, interval: int, percentiles: Sequence[float], gauge_deltas: bool = True
+        self,
+        interval: int,
+        percentiles: Sequence[float],
+        gauge_deltas: bool = True,
+        limits: Limits | None = None,
+        drops: Drops | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError(f"interval must be positive, got {interval!r}")
         self.interval = interval
         self.percentiles = tuple(float(p) for p in percentiles)
         self.gauge_deltas = gauge_deltas
+        #: limits.py: asked only when a sample would create a new series
+        self.limits = limits if limits is not None else Limits()
+        self.drops = drops if drops is not None else Drops()
+        self._budget = Budget(self.limits, self.drops)
         self._open = _Window(0)
         #: windows of |T samples outside the open window, by start
         self._timestamped: dict[int, _Window] = {}
@@ -147,12 +157,15 @@ class Aggregator:
     def restore_gauges(self, gauges: dict[SeriesKey, float]) -> None:
         """Load gauge values saved by a previous run; later samples override them."""
         self._gauges.update(gauges)
+        self._budget.count_gauges([name for name, _, _ in self._gauges])
 
-    def add(self, samples: Iterable[Sample]) -> None:
+    def add(self, samples: Iterable[Sample], limited: bool = True) -> None:
         """Fold samples into their windows.  The hot path: keep it lean.
 
         Each branch does a dict lookup and a list append or two float adds;
-        memory is allocated only for a series' first sample in a window.
+        memory is allocated only for a series' first sample in a window, and
+        only then are the limits consulted (``limited=False`` skips them: the
+        daemon's own metrics).
         """
         w = self._open
         start = w.start
@@ -160,23 +173,24 @@ class Aggregator:
         counters = w.counters
         timers = w.timers
         sets = w.sets
+        persisted = self._gauges
+        admit = self._budget.admit if limited else None
         value: Any
         for sample in samples:
             name, kind, tags, value, rate, ts, delta = sample
             if ts is not None and ts - ts % interval != start:
-                self._add_timestamped(sample, ts - ts % interval)
+                self._add_timestamped(sample, ts - ts % interval, admit)
                 continue
             if kind == COUNTER:
                 key = (name, kind, tags)
                 acc = counters.get(key)
-                if rate == 1.0:
-                    if acc is None:
-                        counters[key] = [value, 1.0]
-                    else:
-                        acc[0] += value
-                        acc[1] += 1.0
-                elif acc is None:
-                    counters[key] = [value / rate, 1.0 / rate]
+                if acc is None:
+                    if admit is not None and not admit(name, tags, len(persisted)):
+                        continue
+                    counters[key] = [value, 1.0] if rate == 1.0 else [value / rate, 1.0 / rate]
+                elif rate == 1.0:
+                    acc[0] += value
+                    acc[1] += 1.0
                 else:
                     acc[0] += value / rate
                     acc[1] += 1.0 / rate
@@ -184,26 +198,32 @@ class Aggregator:
                 key = (name, kind, tags)
                 values = timers.get(key)
                 if values is None:
+                    if admit is not None and not admit(name, tags, len(persisted)):
+                        continue
                     timers[key] = values = [value]
                 else:
                     values.append(value)
                 if rate != 1.0:
                     _add_weight(w.weights, key, len(values), 1.0 / rate)
             elif kind == GAUGE:
-                self._add_gauge((name, kind, tags), value, delta)
+                self._add_gauge((name, kind, tags), value, delta, admit)
             elif kind == SET:
                 key = (name, kind, tags)
                 members = sets.get(key)
                 if members is None:
+                    if admit is not None and not admit(name, tags, len(persisted)):
+                        continue
                     sets[key] = {value}
                 else:
                     members.add(value)
             # any other code cannot come out of the parser; ignore it
 
-    def _add_gauge(self, key: SeriesKey, value: float, delta: bool) -> None:
+    def _add_gauge(self, key: SeriesKey, value: float, delta: bool, admit: Any = None) -> None:
         """Set (or move, for a delta) a gauge in the open window."""
         persisted = self._gauges
         prior = persisted.get(key)
+        if prior is None and admit is not None and not admit(key[0], key[2], len(persisted), True):
+            return  # a new gauge past a limit
         if delta and self.gauge_deltas:
             value = (prior or 0.0) + value
         persisted[key] = value
@@ -221,12 +241,32 @@ class Aggregator:
             elif value > stats[2]:
                 stats[2] = value
 
-    def _add_timestamped(self, sample: Sample, start: int) -> None:
-        """A ``|T`` sample outside the open window: rare, so simple beats fast."""
+    def _add_timestamped(self, sample: Sample, start: int, admit: Any = None) -> None:
+        """A ``|T`` sample outside the open window: rare, so simple beats fast.
+
+        Its window must lie within ``limits.max_timestamp_age`` before the
+        open window and ``limits.max_timestamp_future`` after it; beyond, the
+        sample is dropped (a hostile T would otherwise open any number of
+        windows, and storage could not keep them anyway).
+        """
+        now = self._open.start
+        limits = self.limits
+        if admit is not None and not (
+            now - limits.max_timestamp_age <= start <= now + limits.max_timestamp_future
+        ):
+            self.drops.drop(TIMESTAMP_OUT_OF_RANGE, sample.name, ())
+            return
         window = self._timestamped.get(start)
         if window is None:
-            window = self._timestamped[start] = _Window(start)
+            window = _Window(start)
         key: SeriesKey = (sample.name, sample.type, sample.tags)
+        if (
+            admit is not None
+            and not _has(window, key)
+            and not admit(sample.name, sample.tags, len(self._gauges))
+        ):
+            return
+        self._timestamped[start] = window
         value: Any = sample.value
         kind = sample.type
         rate = sample.rate
@@ -265,7 +305,13 @@ class Aggregator:
             closed.append(ClosedWindow._of(self._timestamped[start], None))
         self._open = _Window(next_start)
         self._timestamped = {}
+        self._budget.reset()
         return closed
+
+
+def _has(window: _Window, key: SeriesKey) -> bool:
+    """Does the window hold the series already?"""
+    return any(key in part for part in (window.counters, window.timers, window.gauges, window.sets))
 
 
 def _add_weight(

@@ -29,6 +29,9 @@ from aiohttp import web
 from . import dashboards
 from .config import Config
 from .model import TYPE_CODES
+from .operations import QueryGuard
+from .prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
+from .prometheus import Exposition
 from .storage import QueryError, Storage
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,21 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STORAGE = web.AppKey("storage", Storage)
 CONFIG = web.AppKey("config", Config)
 HEALTH: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("health")
+LIMITS_REPORT: web.AppKey[Callable[[], dict[str, Any]]] = web.AppKey("limits_report")
+
+
+class LiveConfig:
+    """The configuration in force. SIGHUP swaps in a new one: the dashboards
+    are read from here at every request (the rest of Config needs a restart)."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, config: Config) -> None:
+        self.current = config
+
+
+LIVE = web.AppKey("live_config", LiveConfig)
+GUARD = web.AppKey("query_guard", QueryGuard)
 EXECUTOR = web.AppKey("executor", concurrent.futures.Executor)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 
@@ -52,6 +70,7 @@ KEEPALIVE_SECONDS = 15.0
 STREAM_PATH = "/api/v1/stream"
 STATIC = Path(__file__).with_name("static")
 STATIC_FILES: web.AppKey[frozenset[str]] = web.AppKey("static_files")
+EXPOSITION = web.AppKey("exposition", Exposition)
 
 
 class FlushFeed:
@@ -201,6 +220,17 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(request.app[HEALTH]())
 
 
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    """The Prometheus text exposition (rendered in a reader thread, once per flush).
+
+    Like /healthz it needs no token: scrapers usually send none (SPEC 5:
+    the token guards /api/*). Serve it to a network only where its metric
+    names and tags may be read.
+    """
+    body = await _in_thread(request, request.app[EXPOSITION].render)
+    return web.Response(body=body, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+
+
 async def list_metrics(request: web.Request) -> web.Response:
     prefix = request.query.get("prefix")
     type_code = metric_type(request)
@@ -216,6 +246,13 @@ async def series(request: web.Request) -> web.Response:
     step = positive_int(request, "step", MAX_STEP)
     limit = positive_int(request, "limit", MAX_LIMIT)
     group_by = request.query.get("group_by") or None
+    tags = tag_filters(request)
+    type_code = metric_type(request)
+    guard = request.app.get(GUARD)
+    if guard is not None:
+        problem = await _in_thread(request, guard.check, metric, start, end, step, tags, type_code)
+        if problem is not None:
+            raise BadParameter("from", problem)
     document = await _in_thread(
         request,
         request.app[STORAGE].query_series,
@@ -224,13 +261,18 @@ async def series(request: web.Request) -> web.Response:
         start=start,
         end=end,
         step=step,
-        tags=tag_filters(request),
+        tags=tags,
         group_by=group_by,
         limit=limit,
-        type_code=metric_type(request),
+        type_code=type_code,
         now=int(request.app[CLOCK]()),
     )
     return web.json_response(document)
+
+
+async def limits(request: web.Request) -> web.Response:
+    """What the limits dropped, and the metrics and tag keys responsible (README "Operations")."""
+    return web.json_response(request.app[LIMITS_REPORT]())
 
 
 async def events(request: web.Request) -> web.Response:
@@ -245,7 +287,7 @@ async def checks(request: web.Request) -> web.Response:
 
 
 def _dashboard(request: web.Request, name: str) -> dashboards.Dashboard:
-    dashboard = request.app[CONFIG].dashboard(name)
+    dashboard = request.app[LIVE].current.dashboard(name)
     if dashboard is None:
         raise NotFound(f"no dashboard named {name!r}; GET /api/v1/dashboards lists them")
     return dashboard
@@ -256,13 +298,13 @@ def _dashboard_range(request: web.Request, dashboard: dashboards.Dashboard) -> t
     start, end = time_range(request, default_from=f"-{dashboard.range}s")
     step = positive_int(request, "step", MAX_STEP)
     if step is None:
-        step = dashboards.chart_step(end - start, request.app[CONFIG].flush_interval)
+        step = dashboards.chart_step(end - start, request.app[LIVE].current.flush_interval)
     return start, end, step
 
 
 async def dashboard_document(request: web.Request) -> web.Response:
     """SPEC section 5: exactly the document of the dashboard named by http.dashboard."""
-    name = request.app[CONFIG].default_dashboard
+    name = request.app[LIVE].current.default_dashboard
     if not name:
         raise NotFound("no dashboard is served here (http.dashboard is empty)")
     dashboard = _dashboard(request, name)
@@ -281,7 +323,7 @@ async def dashboard_document(request: web.Request) -> web.Response:
 
 
 async def list_dashboards(request: web.Request) -> web.Response:
-    config = request.app[CONFIG]
+    config = request.app[LIVE].current
     return web.json_response(
         {
             "default": config.default_dashboard,
@@ -421,6 +463,10 @@ def create_app(
     executor: concurrent.futures.Executor,
     clock: Callable[[], float],
     feed: FlushFeed,
+    exposition: Exposition | None = None,
+    live: LiveConfig | None = None,
+    guard: QueryGuard | None = None,
+    limits_report: Callable[[], dict[str, Any]] | None = None,
 ) -> web.Application:
     middlewares = [json_errors]
     if config.token:
@@ -432,8 +478,15 @@ def create_app(
     app[EXECUTOR] = executor
     app[CLOCK] = clock
     app[FEED] = feed
+    app[EXPOSITION] = exposition if exposition is not None else Exposition(0, clock)
+    app[LIVE] = live if live is not None else LiveConfig(config)
+    if guard is not None:
+        app[GUARD] = guard
+    app[LIMITS_REPORT] = limits_report if limits_report is not None else dict
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", prometheus_metrics)
     app.router.add_get("/api/v1/metrics", list_metrics)
+    app.router.add_get("/api/v1/limits", limits)
     app.router.add_get("/api/v1/series", series)
     app.router.add_get("/api/v1/events", events)
     app.router.add_get("/api/v1/checks", checks)

@@ -11,7 +11,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import config as config_module
@@ -91,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(config)
     if args.command == "query":
         return _query(config, args)
-    return _run(config)
+    # SIGHUP re-reads the same file with the same command-line overrides.
+    return _run(config, lambda: load_config(args))
 
 
 def _check_config(config: Config) -> int:
@@ -103,11 +104,11 @@ def _check_config(config: Config) -> int:
     return 0
 
 
-def _run(config: Config) -> int:
+def _run(config: Config, reload: Callable[[], Config] | None = None) -> int:
     from .daemon import Daemon  # imported here so check-config stays light
 
     try:
-        daemon = Daemon(config)
+        daemon = Daemon(config, reload=reload)
     except Exception as exc:  # storage cannot be opened: one message, no traceback
         print(f"statsd-aggregator: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -12,12 +12,16 @@ import itertools
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .dashboards import BUILTIN as BUILTIN_DASHBOARDS
 from .dashboards import Dashboard, DefinitionError, parse_dashboards
+from .limits import Limits
+
+#: the default of every [limits] setting (limits.py holds them)
+DEFAULT_LIMITS = Limits()
 
 
 class ConfigError(Exception):
@@ -65,7 +69,34 @@ class Config:
     allow_unauthenticated: bool
     default_dashboard: str  # served by /api/metrics/dashboard; "" for none
     dashboards: tuple[Dashboard, ...]
+    prometheus_expire_after: int  # seconds; 0 = never
+    graphite_enabled: bool  # a [forward.graphite] table is present
+    graphite_address: str
+    graphite_prefix: str
+    graphite_tags: str  # "graphite" | "fold"
+    graphite_buffer: int  # lines
+    relay_enabled: bool  # a [forward.relay] table is present
+    relay_address: str
+    relay_protocol: str  # "udp" | "tcp"
+    relay_buffer: int  # bytes
     source: str  # the file it came from, or "built-in defaults"
+    # Operations (README "Operations"): socket file mode and the [limits].
+    unix_mode: int = 0o660
+    max_series: int = DEFAULT_LIMITS.max_series
+    max_series_per_metric: int = DEFAULT_LIMITS.max_series_per_metric
+    max_tags: int = DEFAULT_LIMITS.max_tags
+    max_tag_length: int = DEFAULT_LIMITS.max_tag_length
+    max_name_length: int = DEFAULT_LIMITS.max_name_length
+    max_timestamp_age: int = DEFAULT_LIMITS.max_timestamp_age
+    max_timestamp_future: int = DEFAULT_LIMITS.max_timestamp_future
+    max_datagram_size: int = DEFAULT_LIMITS.max_datagram_size
+    max_connections: int = DEFAULT_LIMITS.max_connections
+    idle_timeout: int = DEFAULT_LIMITS.idle_timeout
+    max_query_cost: int = DEFAULT_LIMITS.max_query_cost
+
+    def limits(self) -> Limits:
+        """The [limits] section as the object the aggregator, listeners and API share."""
+        return Limits(**{f.name: getattr(self, f.name) for f in fields(Limits)})
 
     def dashboard(self, name: str) -> Dashboard | None:
         return next((d for d in self.dashboards if d.name == name), None)
@@ -121,6 +152,12 @@ def split_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _required_address(value: Any) -> str:
+    if not _address(value):
+        raise ValueError('must be "host:port"')
+    return str(value)
+
+
 def _string(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string")
@@ -154,6 +191,27 @@ def _gauge_mode(value: Any) -> bool:
     if value not in ("delta", "absolute"):
         raise ValueError('must be "delta" or "absolute"')
     return bool(value == "delta")
+
+
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("must be " + " or ".join(f'"{c}"' for c in choices))
+        return str(value)
+
+    return check
+
+
+def _graphite_prefix(value: Any) -> str:
+    if not isinstance(value, str) or any(c.isspace() or c == ";" for c in value):
+        raise ValueError('must be a string without spaces or ";" (e.g. "stats", or "")')
+    return value.strip(".")
+
+
+def _file_mode(value: Any) -> int:
+    if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3}", value):
+        raise ValueError('must be an octal file mode as a string, like "0660"')
+    return int(value, 8)
 
 
 def _duration(value: Any) -> int:
@@ -207,6 +265,13 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_int,
     ),
     Setting(
+        "listen",
+        "unix_mode",
+        "0660",
+        "permissions of the unix socket files (octal): owner and group may send, others not",
+        _file_mode,
+    ),
+    Setting(
         "aggregation",
         "flush_interval",
         10,
@@ -252,6 +317,78 @@ SETTINGS: tuple[Setting, ...] = (
         _downsample,
     ),
     Setting(
+        "limits",
+        "max_series",
+        DEFAULT_LIMITS.max_series,
+        "distinct series in one flush window, all metrics together (persisted gauges "
+        "included); the samples of further new series are dropped and counted",
+        _positive_int,
+    ),
+    Setting(
+        "limits",
+        "max_series_per_metric",
+        DEFAULT_LIMITS.max_series_per_metric,
+        "distinct series of one metric name in one flush window",
+        _positive_int,
+    ),
+    Setting("limits", "max_tags", DEFAULT_LIMITS.max_tags, "tags on one series", _positive_int),
+    Setting(
+        "limits",
+        "max_tag_length",
+        DEFAULT_LIMITS.max_tag_length,
+        'characters of one tag, "key:value"',
+        _positive_int,
+    ),
+    Setting(
+        "limits",
+        "max_name_length",
+        DEFAULT_LIMITS.max_name_length,
+        "characters of a metric name",
+        _positive_int,
+    ),
+    Setting(
+        "limits",
+        "max_timestamp_age",
+        "2d",
+        "a |T timestamp older than this (before the open window) is dropped",
+        _duration,
+    ),
+    Setting(
+        "limits",
+        "max_timestamp_future",
+        "10m",
+        "a |T timestamp further ahead than this is dropped",
+        _duration,
+    ),
+    Setting(
+        "limits",
+        "max_datagram_size",
+        DEFAULT_LIMITS.max_datagram_size,
+        "bytes of one UDP or unix datagram; a larger one is dropped and counted",
+        _positive_int,
+    ),
+    Setting(
+        "limits",
+        "max_connections",
+        DEFAULT_LIMITS.max_connections,
+        "open TCP and unix stream connections together; further ones are closed at once",
+        _positive_int,
+    ),
+    Setting(
+        "limits",
+        "idle_timeout",
+        "5m",
+        "a TCP or unix stream connection that completes no line for this long is closed",
+        _duration,
+    ),
+    Setting(
+        "limits",
+        "max_query_cost",
+        DEFAULT_LIMITS.max_query_cost,
+        "GET /api/v1/series answers 400 when buckets x matching series exceeds this",
+        _positive_int,
+    ),
+    Setting(
         "http",
         "token",
         "",
@@ -273,7 +410,64 @@ SETTINGS: tuple[Setting, ...] = (
         'and the page at / opens; "" for none',
         _string,
     ),
+    Setting(
+        "prometheus",
+        "expire_after",
+        "5m",
+        "a series that received nothing for this long leaves GET /metrics; \"0s\" keeps "
+        "every series until the daemon stops",
+        _duration,
+    ),
+    Setting(
+        "forward.graphite",
+        "address",
+        "127.0.0.1:2003",
+        "carbon's plaintext protocol (TCP); the [forward.graphite] table turns forwarding on",
+        _required_address,
+    ),
+    Setting(
+        "forward.graphite",
+        "prefix",
+        "stats",
+        'first path segment of every line (Etsy\'s globalPrefix); "" for none',
+        _graphite_prefix,
+    ),
+    Setting(
+        "forward.graphite",
+        "tags",
+        "graphite",
+        '"graphite": tags as Graphite tags (path;k=v); "fold": one path segment k_v per tag',
+        _one_of("graphite", "fold"),
+    ),
+    Setting(
+        "forward.graphite",
+        "buffer",
+        1_000_000,
+        "lines held while carbon is unreachable; beyond it the oldest are dropped and counted",
+        _positive_int,
+    ),
+    Setting(
+        "forward.relay",
+        "address",
+        "",
+        "another StatsD/DogStatsD server that gets every received line (required when the "
+        "[forward.relay] table is present)",
+        _address,
+    ),
+    Setting("forward.relay", "protocol", "udp", '"udp" or "tcp"', _one_of("udp", "tcp")),
+    Setting(
+        "forward.relay",
+        "buffer",
+        8 * 1024 * 1024,
+        "bytes held while a tcp relay target is unreachable; beyond it the oldest are dropped",
+        _positive_int,
+    ),
 )
+
+#: Sections that only hold sub-tables: [forward.graphite] is the section
+#: "forward.graphite". Such a table is optional; its presence turns the
+#: feature on (Config.graphite_enabled, Config.relay_enabled).
+NESTED_SECTIONS = ("forward",)
 
 #: The [dashboards.<name>] tables are structured definitions, not settings:
 #: dashboards.py parses them and documents their keys (dashboards.KEYS).
@@ -288,6 +482,18 @@ _FIELD = {
     "listen.http": "http",
     "listen.udp_receive_buffer": "udp_receive_buffer",
     "listen.max_line_length": "max_line_length",
+    "listen.unix_mode": "unix_mode",
+    "limits.max_series": "max_series",
+    "limits.max_series_per_metric": "max_series_per_metric",
+    "limits.max_tags": "max_tags",
+    "limits.max_tag_length": "max_tag_length",
+    "limits.max_name_length": "max_name_length",
+    "limits.max_timestamp_age": "max_timestamp_age",
+    "limits.max_timestamp_future": "max_timestamp_future",
+    "limits.max_datagram_size": "max_datagram_size",
+    "limits.max_connections": "max_connections",
+    "limits.idle_timeout": "idle_timeout",
+    "limits.max_query_cost": "max_query_cost",
     "aggregation.flush_interval": "flush_interval",
     "aggregation.percentiles": "percentiles",
     "aggregation.gauge_mode": "gauge_deltas",
@@ -298,6 +504,14 @@ _FIELD = {
     "http.token": "token",
     "http.allow_unauthenticated": "allow_unauthenticated",
     "http.dashboard": "default_dashboard",
+    "prometheus.expire_after": "prometheus_expire_after",
+    "forward.graphite.address": "graphite_address",
+    "forward.graphite.prefix": "graphite_prefix",
+    "forward.graphite.tags": "graphite_tags",
+    "forward.graphite.buffer": "graphite_buffer",
+    "forward.relay.address": "relay_address",
+    "forward.relay.protocol": "relay_protocol",
+    "forward.relay.buffer": "relay_buffer",
 }
 
 #: command-line flag -> setting it overrides
@@ -349,8 +563,22 @@ def _by_name(dotted: str) -> Setting:
     raise KeyError(dotted)
 
 
+def _sections(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """The file's tables, with [forward.graphite] as the section "forward.graphite"."""
+    out: dict[str, Any] = {}
+    for section, table in raw.items():
+        if section in NESTED_SECTIONS:
+            if not isinstance(table, dict):
+                raise ConfigError(f"{source}: [{section}] must be a table")
+            out.update({f"{section}.{name}": sub for name, sub in table.items()})
+        else:
+            out[section] = table
+    return out
+
+
 def _read_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:
     known_sections = {s.section for s in SETTINGS}
+    raw = _sections(raw, source)
     for section, table in raw.items():
         if section == DASHBOARDS_SECTION:
             continue
@@ -365,6 +593,8 @@ def _read_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:
     for setting in SETTINGS:
         value = raw.get(setting.section, {}).get(setting.key, setting.default)
         values[_FIELD[setting.dotted]] = _checked(setting, value, source)
+    values["graphite_enabled"] = "forward.graphite" in raw
+    values["relay_enabled"] = "forward.relay" in raw
     return values
 
 
@@ -382,7 +612,24 @@ def _checked(setting: Setting, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {setting.dotted} {exc}") from exc
 
 
+def _check_relay(values: dict[str, Any], source: str) -> None:
+    if not values["relay_enabled"]:
+        return
+    target = values["relay_address"]
+    if not target:
+        raise ConfigError(
+            f"{source}: forward.relay.address is required when [forward.relay] is present"
+        )
+    own = values["udp"] if values["relay_protocol"] == "udp" else values["tcp"]
+    if own and not own.endswith(":0") and split_address(own) == split_address(target):
+        raise ConfigError(
+            f"{source}: forward.relay.address {target!r} is this daemon's own listener "
+            "(every line would come back forever)"
+        )
+
+
 def _check_together(values: dict[str, Any], source: str) -> None:
+    _check_relay(values, source)
     interval = values["flush_interval"]
     for tier in values["downsample"]:
         if tier.resolution % interval:

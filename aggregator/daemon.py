@@ -4,6 +4,10 @@ Lifecycle: open storage -> restore gauges -> bind listeners and HTTP ->
 log the ready line -> flush every aligned window -> on SIGTERM/SIGINT:
 stop intake -> final flush of the open window -> drain the writer ->
 stop HTTP -> close the database. Only this module knows every other one.
+
+A flush that SQLite cannot take is parked in the spool and replayed in
+order (spool.py); SIGHUP reloads the dashboards and the limits and logs
+what else needs a restart (operations.py).
 """
 
 from __future__ import annotations
@@ -21,14 +25,17 @@ from typing import Any
 import msgpack
 from aiohttp import web
 
-from . import api, listeners
+from . import api, listeners, operations
 from .aggregate import Aggregator, ClosedWindow, snapshot
-from .config import Config, split_address
+from .config import Config, ConfigError, split_address
+from .limits import Drops
 from .model import Event, Rollup, SeriesKey, ServiceCheck
 from .notify import Notifier
+from .outputs import Outputs
 from .protocol import Parser
 from .selfstats import IngestStats, SelfStats
-from .storage import Storage
+from .spool import Batch, DurableWriter, Spool, TolerantStorage, spool_path, sqlite_store
+from .storage import MAX_AUTO_POINTS
 
 log = logging.getLogger("statsd_aggregator")
 
@@ -36,6 +43,10 @@ Clock = Callable[[], float]
 
 #: Each shutdown step gets at most this long before the next one starts.
 SHUTDOWN_STEP_SECONDS = 30.0
+#: longest HTTP request line (bytes); a longer one gets aiohttp's plain 400
+MAX_REQUEST_LINE = 65536
+#: carbon and the relay get this long to take what is still queued at stop
+FORWARD_CLOSE_SECONDS = 10.0
 
 
 def encode_gauges(gauges: dict[SeriesKey, float]) -> bytes:
@@ -53,19 +64,44 @@ def decode_gauges(blob: bytes) -> dict[SeriesKey, float]:
 
 
 class Daemon:
-    def __init__(self, config: Config, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        config: Config,
+        clock: Clock = time.time,
+        reload: Callable[[], Config] | None = None,
+    ) -> None:
         self.config = config
         self.clock = clock
         self.interval = config.flush_interval
         self.parser = Parser(clean_names=config.clean_names)
+        # One Limits object, shared and updated in place by SIGHUP.
+        self.limits = config.limits()
+        self.drops = Drops()
         self.aggregator = Aggregator(
-            config.flush_interval, config.percentiles, gauge_deltas=config.gauge_deltas
+            config.flush_interval,
+            config.percentiles,
+            gauge_deltas=config.gauge_deltas,
+            limits=self.limits,
+            drops=self.drops,
         )
         self.ingest_stats = IngestStats()
         self.listener_stats = listeners.ListenerStats()
         self.selfstats = SelfStats(self.ingest_stats, self.listener_stats)
         Path(config.storage_path).parent.mkdir(parents=True, exist_ok=True)
-        self.storage = Storage(config.storage_path, config.tiers)
+        self.storage = TolerantStorage(config.storage_path, config.tiers)
+        # Flushes SQLite cannot take wait in <db>-spool/; a lock is waited for
+        # at most half an interval, so a held lock never piles flushes up.
+        self.durable = DurableWriter(
+            sqlite_store(self.storage, busy_timeout=min(5.0, self.interval / 2)),
+            Spool(spool_path(config.storage_path)),
+            replay_seconds=max(0.5, self.interval / 2),
+            on_stored=self._stored,
+            clock=clock,
+        )
+        self.ops = operations.OpsStats(self.drops, self.listener_stats, self.durable)
+        self.live = api.LiveConfig(config)
+        self._series_counter = operations.SeriesCounter(config.storage_path)
+        self.reload_config = reload
         self._events: list[tuple[Event, int]] = []
         self._checks: list[tuple[ServiceCheck, int]] = []
         # One writer thread owns every write to SQLite; reads use their own pool.
@@ -77,12 +113,17 @@ class Daemon:
         self.addresses: dict[str, str] = {}
         self.feed = api.FlushFeed()
         self.notifier = Notifier()
+        # /metrics, the Graphite forwarder and the relay (outputs.py)
+        self.outputs = Outputs(config, clock)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------ ingest (hot)
 
     def ingest(self, data: bytes) -> None:
         """Parse one datagram (or run of stream lines) into the open window."""
+        relay = self.outputs.relay
+        if relay is not None:
+            relay.send(data)
         parsed = self.parser.parse(data)
         stats = self.ingest_stats
         stats.lines += parsed.lines
@@ -108,11 +149,15 @@ class Daemon:
     def flush(self, next_start: int) -> concurrent.futures.Future[None]:
         """Close the open window (and any |T windows), hand them to the writer."""
         started = self.clock()
+        # The daemon's own metrics are never refused by the limits.
         self.aggregator.add(
             self.selfstats.window_samples(
                 self.aggregator.series_count, self.selfstats.totals.last_flush_seconds
-            )
+            ),
+            limited=False,
         )
+        self.aggregator.add(self.outputs.window_samples(), limited=False)
+        self.aggregator.add(self.ops.window_samples(), limited=False)
         closed = self.aggregator.swap(next_start)
         events, self._events = self._events, []
         checks, self._checks = self._checks, []
@@ -135,11 +180,12 @@ class Daemon:
             rollups: list[Rollup] = []
             for window in closed:
                 rollups.extend(snapshot(window, self.config.percentiles))
-            self.storage.write(rollups, events, checks, {"gauges": encode_gauges(gauges)})
+            self.outputs.publish(closed, rollups)
+            state = {"gauges": encode_gauges(gauges)}
+            batch = Batch([w.start for w in closed], rollups, events, checks, state)
+            if not self.durable.write(batch):
+                totals.flush_errors += 1  # parked in the spool: stored later, in order
             self.last_rollups = rollups
-            if self._loop is not None:
-                summary = {"windows": [w.start for w in closed], "rollups": len(rollups)}
-                self._loop.call_soon_threadsafe(self.feed.publish, summary)
         except Exception:
             totals.flush_errors += 1
             log.exception("flush failed")
@@ -148,6 +194,54 @@ class Daemon:
             totals.flushes += 1
             totals.last_flush_at = self.clock()
             totals.last_flush_seconds = totals.last_flush_at - started
+
+    def _stored(self, batch: Batch) -> None:
+        """Writer thread: a flush (fresh or parked) reached SQLite; tell the event stream."""
+        if self._loop is not None:
+            summary = {"windows": batch.windows, "rollups": len(batch.rollups)}
+            self._loop.call_soon_threadsafe(self.feed.publish, summary)
+
+    def _restore(self) -> None:
+        """Writer thread, at start: gauges from the newest state, then the spool's backlog."""
+        try:
+            state = self.storage.load_state()
+        except Exception as exc:  # unreadable now: the spool may still hold the state
+            log.warning("storage: cannot read the saved state (%s)", exc)
+            state = {}
+        applied = state.get("spool_applied")
+        if applied is not None:
+            self.durable.applied = int(msgpack.unpackb(applied))
+        state.update(self.durable.latest_state())  # a parked flush is newer than the database
+        if "gauges" in state:
+            self.aggregator.restore_gauges(decode_gauges(state["gauges"]))
+        if self.durable.backlog:
+            log.info("spool: %d parked flush(es) to store", self.durable.backlog)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file; apply dashboards and limits, log the rest."""
+        self.notifier.reloading()
+        try:
+            if self.reload_config is None:
+                log.warning("reload: no config file to re-read")
+                return
+            try:
+                new = self.reload_config()
+            except ConfigError as exc:
+                log.error("reload: %s; keeping the running configuration", exc)
+                return
+            applied, restart = operations.reload_changes(self.config, new)
+            self.limits.update(new.limits())
+            self.live.current = new
+            if applied:
+                log.info("reload: applied %s", ", ".join(applied))
+            if restart:
+                log.warning(
+                    "reload: these changes need a restart to apply: %s", ", ".join(restart)
+                )
+            if not applied and not restart:
+                log.info("reload: no change")
+        finally:
+            self.notifier.ready("reloaded")
 
     async def _flush_loop(self) -> None:
         """Flush at every multiple of the interval, from a fixed origin."""
@@ -193,6 +287,14 @@ class Daemon:
             "last_flush_seconds": round(totals.last_flush_seconds, 6),
             **self.selfstats.live_totals(),
             "series": self.aggregator.series_count,
+            **self.ops.health(),
+        } | ({} if self.durable.error is None else {"status": "degraded"})
+
+    def _limits_report(self) -> dict[str, Any]:
+        return {
+            "limits": self.limits.as_dict(),
+            "window_series": self.aggregator.series_count,
+            **self.ops.limits_report(),
         }
 
     def stop(self) -> None:
@@ -201,9 +303,9 @@ class Daemon:
     async def run(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         config = self.config
-        state = await loop.run_in_executor(self._writer, self.storage.load_state)
-        if "gauges" in state:
-            self.aggregator.restore_gauges(decode_gauges(state["gauges"]))
+        await loop.run_in_executor(self._writer, self._restore)
+        self._writer.submit(self.durable.replay)  # the backlog of an earlier run, if any
+        self.outputs.start()
         bound = await listeners.start(
             udp=config.udp,
             tcp=config.tcp,
@@ -213,6 +315,8 @@ class Daemon:
             stats=self.listener_stats,
             receive_buffer=config.udp_receive_buffer,
             max_line=config.max_line_length,
+            limits=self.limits,
+            unix_mode=config.unix_mode,
         )
         runner: web.AppRunner | None = None
         try:
@@ -221,6 +325,7 @@ class Daemon:
                 runner = await self._start_http()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
             log.info(
                 "statsd-aggregator ready %s db=%s flush_interval=%ss",
                 " ".join(f"{k}={v}" for k, v in self.addresses.items()),
@@ -238,15 +343,17 @@ class Daemon:
             await bound.wait_closed()
             await flusher
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
             bound.close()
             await bound.wait_closed()
             if runner is not None:
                 await asyncio.wait_for(runner.cleanup(), SHUTDOWN_STEP_SECONDS)
             self._readers.shutdown(wait=True)
+            self._series_counter.close()
             self._writer.submit(self.storage.close).result(SHUTDOWN_STEP_SECONDS)
             self._writer.shutdown(wait=True)
+            self.outputs.close(FORWARD_CLOSE_SECONDS)
             log.info("stopped")
 
     async def _start_http(self) -> web.AppRunner:
@@ -257,8 +364,21 @@ class Daemon:
             executor=self._readers,
             clock=self.clock,
             feed=self.feed,
+            exposition=self.outputs.exposition,
+            live=self.live,
+            guard=operations.QueryGuard(
+                self.limits,
+                self._series_counter,
+                [tier.resolution for tier in self.config.tiers],
+                MAX_AUTO_POINTS,
+            ),
+            limits_report=self._limits_report,
         )
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # A long query (many tag filters) must reach the API, which answers it
+        # in JSON, rather than aiohttp's parser (8 KiB by default, plain text).
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, max_line_size=MAX_REQUEST_LINE
+        )
         await runner.setup()
         host, port = split_address(self.config.http)
         site = web.TCPSite(runner, host, port, reuse_address=True)

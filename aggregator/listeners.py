@@ -4,6 +4,14 @@ Listeners only frame bytes: a datagram is handed over whole; a stream is
 cut after its last newline and the complete lines are handed over. They do
 not parse. A stream line longer than the limit is counted as a bad line and
 its connection closed; other connections are unaffected.
+
+Limits (limits.Limits, shared and updated in place on SIGHUP): a datagram
+larger than ``max_datagram_size`` is dropped and counted; past
+``max_connections`` open stream connections a new one is closed at once;
+a stream connection that completes no line for ``idle_timeout`` seconds is
+closed (a silent or trickling client cannot hold its buffer and slot
+forever). Unix socket files get the mode ``listen.unix_mode`` from the
+moment they exist (the socket is fchmod-ed before bind).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import split_address
+from .limits import Limits
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +42,27 @@ class ListenerStats:
     bytes: int = 0
     too_long: int = 0
     connections: int = 0
+    too_large: int = 0  # datagrams over limits.max_datagram_size, dropped
+    refused: int = 0  # stream connections closed at once: limits.max_connections
+    idle_closed: int = 0  # stream connections closed by limits.idle_timeout
 
 
 class _DatagramProtocol(asyncio.DatagramProtocol):
-    def __init__(self, sink: Sink, stats: ListenerStats, transport_name: str) -> None:
+    def __init__(
+        self, sink: Sink, stats: ListenerStats, transport_name: str, limits: Limits
+    ) -> None:
         self._sink = sink
         self._stats = stats
         self._name = transport_name
+        self._limits = limits
 
     def datagram_received(self, data: bytes, addr: object) -> None:
         stats = self._stats
         stats.packets += 1
         stats.bytes += len(data)
+        if len(data) > self._limits.max_datagram_size:
+            stats.too_large += 1
+            return
         self._sink(data)
 
     def error_received(self, exc: Exception) -> None:
@@ -54,19 +72,51 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
 class _StreamProtocol(asyncio.Protocol):
     """Newline-delimited lines over TCP or a unix stream socket."""
 
-    def __init__(self, sink: Sink, stats: ListenerStats, max_line: int) -> None:
+    def __init__(self, sink: Sink, stats: ListenerStats, max_line: int, limits: Limits) -> None:
         self._sink = sink
         self._stats = stats
         self._max_line = max_line
+        self._limits = limits
         self._pending = b""
         self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._last_line = 0.0  # loop time of the last complete line
+        self._idle: asyncio.TimerHandle | None = None
+        self._counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not subclasses of asyncio.Transport.
         self._transport = transport  # type: ignore[assignment]
+        if self._stats.connections >= self._limits.max_connections:
+            self._stats.refused += 1
+            transport.close()
+            return
+        self._counted = True
         self._stats.connections += 1
+        self._last_line = self._loop.time()
+        self._idle = self._loop.call_later(self._limits.idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """Close a connection that completed no line for idle_timeout; else look again later.
+
+        One timer per connection per timeout, not one per chunk received.
+        """
+        timeout = self._limits.idle_timeout
+        left = self._last_line + timeout - self._loop.time()
+        if left > 0:
+            self._idle = self._loop.call_later(left, self._check_idle)
+            return
+        self._idle = None
+        self._stats.idle_closed += 1
+        log.debug("closing a stream connection idle for %ss", timeout)
+        if self._transport is not None:
+            self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self._counted:
+            return  # refused at connection_made
+        if self._idle is not None:
+            self._idle.cancel()
         self._stats.connections -= 1
         if self._pending:
             # A last line without its newline still counts (CONFORMANCE:
@@ -81,6 +131,7 @@ class _StreamProtocol(asyncio.Protocol):
         if cut < 0:
             self._pending = buffer
         else:
+            self._last_line = self._loop.time()
             self._pending = buffer[cut + 1 :]
             self._deliver(buffer[: cut + 1])
         if len(self._pending) > self._max_line:
@@ -145,13 +196,29 @@ def _remove_stale_socket(path: str) -> None:
     os.unlink(path)
 
 
+def _bind_unix(sock: socket.socket, path: str, mode: int) -> None:
+    """Bind a unix socket whose file never has more rights than ``mode``.
+
+    Linux creates the file with the socket inode's mode (minus the umask),
+    so fchmod before bind closes the window between bind and chmod; the
+    chmod after bind then sets exactly ``mode`` whatever the umask.
+    """
+    os.fchmod(sock.fileno(), mode)
+    sock.bind(path)
+    os.chmod(path, mode)
+
+
 def _datagram_socket(
-    family: int, address: tuple[str, int] | str, receive_buffer: int, name: str
+    family: int,
+    address: tuple[str, int] | str,
+    receive_buffer: int,
+    name: str,
+    unix_mode: int = 0o660,
 ) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        if family != socket.AF_UNIX:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # No SO_REUSEADDR: on Linux it lets a second daemon bind the same UDP
+        # port and silently take part of the traffic; bind() must fail instead.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         # Linux reports twice the granted size (it counts bookkeeping too).
@@ -164,7 +231,21 @@ def _datagram_socket(
                 receive_buffer,
                 receive_buffer,
             )
-        sock.bind(address)
+        if isinstance(address, str):
+            _bind_unix(sock, address, unix_mode)
+        else:
+            sock.bind(address)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _stream_unix_socket(path: str, mode: int) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        _bind_unix(sock, path, mode)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -182,32 +263,40 @@ async def start(
     stats: ListenerStats,
     receive_buffer: int,
     max_line: int,
+    limits: Limits | None = None,
+    unix_mode: int = 0o660,
 ) -> Listeners:
     """Bind every configured listener; an empty address disables one."""
     loop = asyncio.get_running_loop()
     bound = Listeners()
+    limits = limits if limits is not None else Limits()
     try:
         if udp:
             host, port = split_address(udp)
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = _datagram_socket(family, (host, port), receive_buffer, "UDP")
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: _DatagramProtocol(sink, stats, "udp"), sock=sock
+                lambda: _DatagramProtocol(sink, stats, "udp", limits), sock=sock
             )
             bound.transports.append(transport)
             bound.addresses["udp"] = format_address(transport.get_extra_info("sockname"))
         if tcp:
             host, port = split_address(tcp)
             server = await loop.create_server(
-                lambda: _StreamProtocol(sink, stats, max_line), host, port, reuse_address=True
+                lambda: _StreamProtocol(sink, stats, max_line, limits),
+                host,
+                port,
+                reuse_address=True,
             )
             bound.servers.append(server)
             bound.addresses["tcp"] = format_address(server.sockets[0].getsockname())
         if unix:
             _remove_stale_socket(unix)
-            sock = _datagram_socket(socket.AF_UNIX, unix, receive_buffer, "unix datagram")
+            sock = _datagram_socket(
+                socket.AF_UNIX, unix, receive_buffer, "unix datagram", unix_mode
+            )
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: _DatagramProtocol(sink, stats, "unix"), sock=sock
+                lambda: _DatagramProtocol(sink, stats, "unix", limits), sock=sock
             )
             bound.transports.append(transport)
             bound.unix_paths.append(unix)
@@ -215,7 +304,8 @@ async def start(
         if unix_stream:
             _remove_stale_socket(unix_stream)
             server = await loop.create_unix_server(
-                lambda: _StreamProtocol(sink, stats, max_line), unix_stream
+                lambda: _StreamProtocol(sink, stats, max_line, limits),
+                sock=_stream_unix_socket(unix_stream, unix_mode),
             )
             bound.servers.append(server)
             bound.unix_paths.append(unix_stream)

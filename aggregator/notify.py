@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 
 class Notifier:
@@ -42,7 +43,8 @@ class Notifier:
         return self.send("STOPPING=1", "STATUS=flushing the open window")
 
     def reloading(self) -> bool:
-        return self.send("RELOADING=1")
+        # MONOTONIC_USEC lets systemd match the READY=1 that ends the reload.
+        return self.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
 
     def watchdog(self) -> bool:
         return self.send("WATCHDOG=1")

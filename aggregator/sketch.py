@@ -23,10 +23,14 @@ every value in it.  Negative values use a mirrored set of buckets keyed by
 ``|x|``; exact zeros have their own weight.  Because buckets are ordered like
 the values they hold, the sketch picks the very bucket that holds the exact
 nearest-rank value, so its answer is within ALPHA of exact.  The result is
-clamped to the exact [min, max], so q=0 and q=1 are exact.  There is no
-bucket cap: a window of ordinary values (say 1e-6..1e9) needs at most ~3,400
-buckets per sign; only adversarial input spanning the whole float range
-could need more (~71,000 per sign at worst).
+clamped to the exact [min, max], so q=0 and q=1 are exact.  A window of
+ordinary values (say 1e-6..1e9) needs at most ~3,400 buckets per sign;
+adversarial input spanning the whole float range could need ~71,000 per
+sign, so each sign keeps at most ``MAX_BUCKETS`` (4,096, a value range of
+about 6e17) and folds the buckets nearest zero into the smallest one kept
+(DDSketch's "collapsing lowest" store).  Quantiles that land in the folded
+buckets lose their accuracy guarantee (they are still clamped to the exact
+min and max); the others keep it.
 
 Serialized form (msgpack array), version 1::
 
@@ -70,6 +74,7 @@ from .model import DISTRIBUTION_TYPES, SET
 
 __all__ = [
     "ALPHA",
+    "MAX_BUCKETS",
     "RANK_EPSILON",
     "SET_EXACT_LIMIT",
     "SetState",
@@ -93,6 +98,8 @@ _SET_EXACT = 0
 _SET_HLL = 1
 
 SET_EXACT_LIMIT = 4096
+#: most buckets kept per sign (see the module docstring)
+MAX_BUCKETS = 4096
 _HLL_P = 14
 _HLL_M = 1 << _HLL_P
 _HLL_Q = 64 - _HLL_P  # hash bits left for the rank
@@ -185,7 +192,17 @@ class Sketch:
         sketch.min = min(folded)
         sketch.max = max(folded)
         sketch.count = float(math.fsum(folded.values()))
+        sketch._cap()
         return sketch
+
+    def _cap(self) -> None:
+        """Fold the buckets nearest zero until each sign has at most MAX_BUCKETS."""
+        for buckets in (self.positive, self.negative):
+            excess = len(buckets) - MAX_BUCKETS
+            if excess > 0:
+                order = sorted(buckets)
+                kept = order[excess]
+                buckets[kept] += math.fsum(buckets.pop(index) for index in order[:excess])
 
     def merge(self, other: Sketch) -> None:
         """Add ``other``'s values into this sketch (in place)."""
@@ -199,6 +216,7 @@ class Sketch:
         self.count += other.count
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
+        self._cap()
 
     def quantile(self, q: float) -> float:
         """The weighted nearest-rank q-quantile (q in [0, 1]), within ALPHA relative."""
@@ -292,6 +310,7 @@ class Sketch:
         sketch.count = (
             sketch.zero + math.fsum(sketch.positive.values()) + math.fsum(sketch.negative.values())
         )
+        sketch._cap()
         return sketch
 
 

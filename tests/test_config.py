@@ -25,15 +25,60 @@ def test_defaults_without_a_file() -> None:
     assert cfg.source == "built-in defaults"
 
 
+def with_optional_blocks(text: str) -> str:
+    """config.toml with its commented-out optional tables ("# [forward.graphite]"
+    up to the next blank line) switched on."""
+    out, inside = [], False
+    for line in text.splitlines():
+        if re.match(r"^# \[forward\.\w+\]", line):
+            inside = True
+        elif not line.strip():
+            inside = False
+        out.append(line[2:] if inside and line.startswith("# ") else line)
+    return "\n".join(out) + "\n"
+
+
+def flat_settings(raw: dict[str, object]) -> dict[str, object]:
+    """{"section.key": value}, with [forward.graphite] as the section "forward.graphite"."""
+    shown: dict[str, object] = {}
+    for section, table in raw.items():
+        if section == DASHBOARDS_SECTION:
+            continue
+        assert isinstance(table, dict)
+        for key, value in table.items():
+            if section in config.NESTED_SECTIONS:
+                shown.update({f"{section}.{key}.{k}": v for k, v in value.items()})
+            else:
+                shown[f"{section}.{key}"] = value
+    return shown
+
+
 def test_shipped_config_shows_every_setting_with_its_default() -> None:
-    raw = tomllib.loads((ROOT / "config.toml").read_text())
-    shown = {
-        f"{section}.{key}": value
-        for section, table in raw.items()
-        if section != DASHBOARDS_SECTION
-        for key, value in table.items()
-    }
-    assert shown == {s.dotted: s.default for s in SETTINGS}
+    # Optional tables ([forward.*]) are shown commented out: absent means off.
+    raw = tomllib.loads(with_optional_blocks((ROOT / "config.toml").read_text()))
+    assert flat_settings(raw) == {s.dotted: s.default for s in SETTINGS}
+
+
+def test_shipped_config_leaves_forwarding_off() -> None:
+    cfg = config.load(ROOT / "config.toml")
+    assert (cfg.graphite_enabled, cfg.relay_enabled) == (False, False)
+    assert "forward" not in tomllib.loads((ROOT / "config.toml").read_text())
+
+
+def test_a_forward_table_turns_its_feature_on(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[forward.graphite]\n[forward.relay]\naddress = '127.0.0.1:9125'\n")
+    cfg = config.load(path)
+    assert (cfg.graphite_enabled, cfg.graphite_address, cfg.graphite_prefix) == (
+        True,
+        "127.0.0.1:2003",
+        "stats",
+    )
+    assert (cfg.relay_enabled, cfg.relay_address, cfg.relay_protocol) == (
+        True,
+        "127.0.0.1:9125",
+        "udp",
+    )
 
 
 def test_shipped_config_shows_the_builtin_dashboards() -> None:
@@ -81,6 +126,28 @@ BAD_CONFIGS = [
         "[listen]\nhttp = '0.0.0.0:8126'\n",
         "listen.http",
     ),
+    (
+        "unknown forward table",
+        "[forward.carbon]\naddress = 'h:1'\n",
+        "unknown section [forward.carbon]",
+    ),
+    ("forward not a table", "forward = 1\n", "[forward] must be a table"),
+    ("graphite address", "[forward.graphite]\naddress = ''\n", "forward.graphite.address"),
+    ("graphite tags", "[forward.graphite]\ntags = 'influx'\n", "forward.graphite.tags"),
+    ("graphite prefix", "[forward.graphite]\nprefix = 'a b'\n", "forward.graphite.prefix"),
+    ("graphite buffer", "[forward.graphite]\nbuffer = 0\n", "forward.graphite.buffer"),
+    ("relay without address", "[forward.relay]\nprotocol = 'tcp'\n", "forward.relay.address"),
+    (
+        "relay protocol",
+        "[forward.relay]\naddress = 'h:1'\nprotocol = 'x'\n",
+        "forward.relay.protocol",
+    ),
+    (
+        "relay to itself",
+        "[listen]\nudp = '127.0.0.1:9999'\n[forward.relay]\naddress = '127.0.0.1:9999'\n",
+        "forward.relay.address",
+    ),
+    ("expire_after", "[prometheus]\nexpire_after = 5\n", "prometheus.expire_after"),
     ("not toml", "[listen\n", "not valid TOML"),
     ("section not a table", "listen = 3\n", "[listen] must be a table"),
 ]

@@ -62,11 +62,15 @@ class Daemon:
         self.addresses: dict[str, str] = {}
         self._ready = threading.Event()
         self.token = ""
+        #: extra environment (e.g. NOTIFY_SOCKET) and a command prefix (e.g. setpriv)
+        self.env: dict[str, str] = {}
+        self.prefix: list[str] = []
 
     def start(self, timeout: float = 20.0) -> Daemon:
         self.log = []
         self._ready.clear()
         cmd = [
+            *self.prefix,
             sys.executable,
             "-m",
             "aggregator",
@@ -76,7 +80,7 @@ class Daemon:
             str(self.db),
             *self.extra_args,
         ]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(
             cmd,
             cwd=ROOT,
