@@ -8,12 +8,17 @@ the HTTP API answers (SPEC section 5).
 Threads
 -------
 ``write`` runs in ONE writer thread (the daemon's writer executor). Its
-connection is opened lazily in that thread on the first write and owns the
-in-memory id caches. Every other thread that reads gets its own connection
-(``threading.local``); in WAL mode readers never wait for the writer, and
-each query runs in one read transaction, so it sees one consistent snapshot
-of data and watermarks. Connections are opened with
-``check_same_thread=False`` only so that ``close()`` can close them all.
+connection is opened lazily in that thread on the first write (or by
+``open_writer``) and owns the in-memory id caches; ``reset_writer`` drops it
+after an I/O error, and the next write reopens it and reloads the caches.
+Every other thread that reads gets its own connection (``threading.local``);
+in WAL mode readers never wait for the writer, and each query runs in one
+read transaction, so it sees one consistent snapshot of data and
+watermarks. Opening a writer connection closes the readers (they reopen
+lazily): a reader opened while the file was read-only would otherwise keep
+every write of the process failing. Connections are opened with
+``check_same_thread=False`` only so that another thread can close them; a
+lock per reader connection keeps that from happening mid-query.
 
 Schema (``sqlite3 metrics.db .schema`` shows it)
 -------------------------------------------------
@@ -84,9 +89,12 @@ row with the latest ts (a join on the primary key); sketches and sets are
 merged by the Python aggregate ``merge_states``. The metric totals of those
 buckets then follow from the fresh coarse rows. Late data (rows written into
 a bucket already compacted) recomputes exactly those (bucket, series) pairs
-and, in cascade, the coarser buckets above them. Late data older than the
-finer tier's retention allows (its coarse buckets could no longer be
-recomputed) is dropped and counted in ``Storage.late_dropped``.
+and, in cascade, the coarser buckets above them. A late row whose compacted
+coarse bucket can no longer be recomputed, because the finer tier has been
+pruned there, would wipe that bucket's history: it is dropped and counted in
+``Storage.late_dropped``. After a downtime, compaction jumps over the empty
+stretch; a tier added to an existing file catches up at most
+``MAX_COMPACT_WINDOWS`` finer windows per write.
 
 Retention runs at most once a minute (``PRUNE_EVERY``), deletes by primary
 key range, and never deletes finer rows that the next tier has not
