@@ -17,8 +17,9 @@ import concurrent.futures
 import contextlib
 import logging
 import signal
+import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,6 @@ class Daemon:
         )
         self.ops = operations.OpsStats(self.drops, self.listener_stats, self.durable)
         self.live = api.LiveConfig(config)
-        self._series_counter = operations.SeriesCounter(config.storage_path)
         self.reload_config = reload
         self._events: list[tuple[Event, int]] = []
         self._checks: list[tuple[ServiceCheck, int]] = []
@@ -229,7 +229,10 @@ class Daemon:
             except ConfigError as exc:
                 log.error("reload: %s; keeping the running configuration", exc)
                 return
-            applied, restart = operations.reload_changes(self.config, new)
+            # Applied: what differs from the configuration in force; needing a
+            # restart: what differs from the one the daemon started with.
+            applied, _ = operations.reload_changes(self.live.current, new)
+            _, restart = operations.reload_changes(self.config, new)
             self.limits.update(new.limits())
             self.live.current = new
             if applied:
@@ -241,7 +244,7 @@ class Daemon:
             if not applied and not restart:
                 log.info("reload: no change")
         finally:
-            self.notifier.ready("reloaded")
+            self.notifier.ready(" ".join(f"{k}={v}" for k, v in self.addresses.items()))
 
     async def _flush_loop(self) -> None:
         """Flush at every multiple of the interval, from a fixed origin."""
@@ -289,6 +292,12 @@ class Daemon:
             "series": self.aggregator.series_count,
             **self.ops.health(),
         } | ({} if self.durable.error is None else {"status": "degraded"})
+
+    def _count_series(self, metric: str, tags: Sequence[tuple[str, str]], kind: str | None) -> int:
+        try:
+            return self.storage.count_series(metric, tags, kind)
+        except sqlite3.Error:  # no schema yet (read-only at start): nothing to read
+            return 0
 
     def _limits_report(self) -> dict[str, Any]:
         return {
@@ -350,7 +359,6 @@ class Daemon:
             if runner is not None:
                 await asyncio.wait_for(runner.cleanup(), SHUTDOWN_STEP_SECONDS)
             self._readers.shutdown(wait=True)
-            self._series_counter.close()
             self._writer.submit(self.storage.close).result(SHUTDOWN_STEP_SECONDS)
             self._writer.shutdown(wait=True)
             self.outputs.close(FORWARD_CLOSE_SECONDS)
@@ -368,7 +376,7 @@ class Daemon:
             live=self.live,
             guard=operations.QueryGuard(
                 self.limits,
-                self._series_counter,
+                self._count_series,
                 [tier.resolution for tier in self.config.tiers],
                 MAX_AUTO_POINTS,
             ),

@@ -1,5 +1,6 @@
 """Operations: what SIGHUP reloads, the self metrics and health of the limits and
-the spool, and the cost estimate that bounds a series query.
+the spool, and the cost estimate that bounds a series query (buckets x the
+series that match, counted by storage.Storage.count_series).
 
 The daemon owns the objects (limits.Limits, limits.Drops, spool.DurableWriter,
 listeners.ListenerStats); this module only reads them and turns them into
@@ -8,9 +9,7 @@ samples, JSON and log lines.
 
 from __future__ import annotations
 
-import sqlite3
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .config import _FIELD, SETTINGS, Config
@@ -20,7 +19,7 @@ from .model import COUNTER, GAUGE, Sample
 from .selfstats import PREFIX
 from .spool import DurableWriter
 
-__all__ = ["OpsStats", "QueryGuard", "SeriesCounter", "query_points", "reload_changes"]
+__all__ = ["OpsStats", "QueryGuard", "query_points", "reload_changes"]
 
 #: settings SIGHUP applies at once; every other change needs a restart
 RELOADABLE_SECTIONS = ("limits",)
@@ -126,57 +125,16 @@ def query_points(
     return -(-span // max(step, resolutions[0]))
 
 
-class SeriesCounter:
-    """How many stored series a query would read: one indexed count, on a read-only
-    connection per thread, against the documented schema (README "Storage schema")."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-
-    def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout = 5000")
-            self._local.conn = conn
-            with self._lock:
-                self._all.append(conn)
-        return conn
-
-    def close(self) -> None:
-        with self._lock:
-            connections, self._all = self._all, []
-        for conn in connections:
-            conn.close()
-
-    def count(self, metric: str, tags: Sequence[tuple[str, str]], type_code: str | None) -> int:
-        sql = "SELECT count(*) FROM series s WHERE s.name = ?"
-        params: list[Any] = [metric]
-        if type_code is not None:
-            sql += " AND s.type = ?"
-            params.append(type_code)
-        for key, value in tags:
-            sql += (
-                " AND EXISTS (SELECT 1 FROM series_tags t WHERE t.series_id = s.id"
-                " AND t.key = ? AND t.value = ?)"
-            )
-            params += [key, value]
-        try:
-            row = self._connection().execute(sql, params).fetchone()
-        except sqlite3.Error:
-            return 0  # no schema yet: nothing to read, the query answers for itself
-        return int(row[0])
-
-
 class QueryGuard:
     """Refuses a series query whose cost, buckets x matching series, exceeds
     limits.max_query_cost (read at each query, so SIGHUP applies at once)."""
 
     def __init__(
-        self, limits: Limits, counter: SeriesCounter, resolutions: Sequence[int], auto: int
+        self,
+        limits: Limits,
+        counter: Callable[[str, Sequence[tuple[str, str]], str | None], int],
+        resolutions: Sequence[int],
+        auto: int,
     ) -> None:
         self.limits = limits
         self.counter = counter
@@ -196,7 +154,7 @@ class QueryGuard:
         points = query_points(start, end, step, self.resolutions, self.auto)
         limit = self.limits.max_query_cost
         # Counting is needless when the buckets alone exceed the limit.
-        series = self.counter.count(metric, tags, type_code) if points <= limit else 1
+        series = self.counter(metric, tags, type_code) if points <= limit else 1
         cost = points * max(series, 1)
         if cost <= limit:
             return None

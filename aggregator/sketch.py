@@ -115,15 +115,20 @@ def _representative(index: int) -> float:
         return math.inf
 
 
+#: msgpack integers stop at 2**64; a larger whole weight (a sample rate like
+#: @1e-300 makes one: found by tests/fuzz) travels as a float
+_MAX_PACKED_INT = float(2**63)
+
+
 def _pack_weight(weight: float) -> int | float:
     """Whole weights travel as msgpack ints: 1-3 bytes instead of 9."""
-    return int(weight) if weight.is_integer() else weight
+    return int(weight) if weight.is_integer() and weight < _MAX_PACKED_INT else weight
 
 
 def _pack_weights(buckets: dict[int, float]) -> dict[int, int | float]:
     """_pack_weight over a bucket map, in C when every weight is whole (the usual case)."""
     weights = buckets.values()
-    if all(map(float.is_integer, weights)):
+    if all(map(float.is_integer, weights)) and max(weights, default=0.0) < _MAX_PACKED_INT:
         return dict(zip(buckets, map(int, weights), strict=True))
     return {index: _pack_weight(weight) for index, weight in buckets.items()}
 

@@ -35,7 +35,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +43,6 @@ from typing import Any
 
 import msgpack
 
-from . import storage as storage_module
 from .model import Event, Rollup, ServiceCheck, Tags
 from .storage import Storage
 
@@ -71,6 +69,16 @@ _UNAVAILABLE = {
     3,  # SQLITE_PERM
     15,  # SQLITE_PROTOCOL
 }
+
+
+#: errors after which a fresh connection may succeed where the old one cannot
+#: (a file reopened writable); a lock or a full disk is retried on the same one
+_RECONNECT = {8, 10, 14}  # SQLITE_READONLY, SQLITE_IOERR, SQLITE_CANTOPEN
+
+
+def _needs_reconnect(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and code is not None and (code & 0xFF) in _RECONNECT
 
 
 def unavailable(exc: BaseException) -> bool:
@@ -410,10 +418,12 @@ class DurableWriter:
         self.error = message
         if self.failing_since is None:
             self.failing_since = self.clock()
-        # The next attempt opens a fresh connection: a file made writable
-        # again, or replaced, is seen, and no half-failed state lingers.
-        with contextlib.suppress(Exception):
-            self.store.reconnect()
+        # After a read-only or I/O error the next attempt opens a fresh
+        # connection, which sees a file made writable again. (Not after a lock
+        # or a full disk: reopening reloads the writer's caches, a cost for nothing.)
+        if _needs_reconnect(exc):
+            with contextlib.suppress(Exception):
+                self.store.reconnect()
 
     def _park(self, batch: Batch) -> None:
         batch.seq = self.spool.next_seq(self.applied + 1)
@@ -519,7 +529,6 @@ def sqlite_store(storage: Storage, busy_timeout: float) -> Store:
     attempt blocks the writer thread that long (the storage module's own
     default suits readers, not a writer that must keep up with flushes).
     """
-    milliseconds = max(1, int(busy_timeout * 1000))
 
     def write(
         rollups: Sequence[Rollup],
@@ -531,29 +540,6 @@ def sqlite_store(storage: Storage, busy_timeout: float) -> Store:
             storage._setup()
             if storage.setup_error is not None:
                 raise storage.setup_error
-        _writer_connection(storage, milliseconds)
-        storage.write(rollups, events, checks, state)
+        storage.open_writer(busy_timeout).write(rollups, events, checks, state)
 
-    def reconnect() -> None:
-        writer = getattr(storage, "_writer", None)
-        if writer is not None:
-            setattr(storage, "_writer", None)  # noqa: B010 (a private of storage.py)
-            writer.close()
-
-    return Store(write, reconnect)
-
-
-def _writer_connection(storage: Storage, busy_ms: int) -> None:
-    """Open the writer connection now (storage.py opens it lazily, on the first
-    write, with a 30 s lock wait) and set its lock wait, without writing.
-
-    This reaches into storage.py's writer: the one place that does.
-    """
-    writer: Any = getattr(storage, "_writer", None)
-    if writer is None:
-        writer = storage_module._Writer(storage)
-        setattr(storage, "_writer", writer)  # noqa: B010
-        setattr(storage, "_writer_thread", threading.get_ident())  # noqa: B010
-    if getattr(writer, "busy_ms", None) != busy_ms:
-        writer.conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
-        writer.busy_ms = busy_ms
+    return Store(write, storage.reset_writer)

@@ -606,6 +606,27 @@ class Storage:
             for metric_id, name, code, last_seen in metrics
         ]
 
+    def count_series(
+        self,
+        metric: str,
+        tags: Sequence[tuple[str, str]] = (),
+        type_code: str | None = None,
+    ) -> int:
+        """How many series of ``metric`` match every tag filter (the API's query cost)."""
+        sql = "SELECT count(*) FROM series s WHERE s.name = ?"
+        params: list[Any] = [metric]
+        if type_code is not None:
+            sql += " AND s.type = ?"
+            params.append(type_code)
+        for key, value in tags:
+            sql += (
+                " AND EXISTS (SELECT 1 FROM series_tags t WHERE t.series_id = s.id"
+                " AND t.key = ? AND t.value = ?)"
+            )
+            params += [key, value]
+        with self._snapshot() as conn:
+            return int(conn.execute(sql, params).fetchone()[0])
+
     def query_series(
         self,
         metric: str,

@@ -155,7 +155,11 @@ def test_a_full_database_parks_flushes_and_replays_them_in_order(harness: Harnes
         harness.writer.store.reconnect()
 
     def room() -> None:
+        # Space again, for the writer's own connection too (as a freed disk is).
         harness.max_pages = None
+        writer = harness.storage._writer
+        assert writer is not None
+        writer.conn.execute("PRAGMA max_page_count = 1073741823")
 
     run_fault(harness, full, room)
 

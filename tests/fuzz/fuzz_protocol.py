@@ -114,12 +114,12 @@ def main() -> None:
 
     args = list(sys.argv)
     if len(args) < 2 or args[1].startswith("-"):
-        corpus = Path(tempfile.mkdtemp(prefix="statsd-fuzz-"))
-        args.insert(1, str(corpus))
-    corpus = Path(args[1])
-    corpus.mkdir(parents=True, exist_ok=True)
-    for i, seed in enumerate(seeds()):
-        (corpus / f"seed-{i:04d}").write_bytes(seed)
+        args.insert(1, tempfile.mkdtemp(prefix="statsd-fuzz-"))
+    first = Path(args[1])
+    if not first.is_file():  # a corpus folder (a file argument replays one input)
+        first.mkdir(parents=True, exist_ok=True)
+        for i, seed in enumerate(seeds()):
+            (first / f"seed-{i:04d}").write_bytes(seed)
     atheris.instrument_all()
     atheris.Setup(args, check)
     atheris.Fuzz()

@@ -15,6 +15,10 @@ HOSTILE = [
     b"c:1|c|@0.0000001",
     b"_e{0,0}:|",
     b"\xff\xfe:1|c\nok:1|c",
+    # Found by atheris (tests/fuzz/README.md): a sample rate this small made a
+    # sketch weight too large for a msgpack integer, and the whole flush failed.
+    b"c:1:3|ms|@0.5e-27",
+    b"x:1|ms|@1e-300\nx:2|h",
 ]
 
 
