@@ -32,7 +32,7 @@ from .model import TYPE_CODES
 from .operations import QueryGuard
 from .prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from .prometheus import Exposition
-from .storage import QueryError, Storage
+from .storage import MAX_POINTS, QueryError, Storage
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,10 @@ def parse_time(param: str, text: str, now: float) -> int:
         return int(now)
     match = _RELATIVE.match(text)
     if match:
-        return int(now - float(match.group(1)) * _UNITS[match.group(2)])
+        relative = now - float(match.group(1)) * _UNITS[match.group(2)]
+        if not math.isfinite(relative):  # "-999...9s": found by the API fuzzing
+            raise BadParameter(param, f"{text!r} is not a time")
+        return int(relative)
     try:
         value = float(text)
     except ValueError:
@@ -157,10 +160,23 @@ def parse_time(param: str, text: str, now: float) -> int:
     return int(parsed.timestamp())
 
 
+#: the last second a time may name (9999-12-31T23:59:59Z): beyond, SQLite's
+#: integers overflow (a 500), and no data can exist there anyway
+MAX_TIME = 253_402_300_799
+
+
+def _in_range(param: str, text: str, value: int) -> int:
+    if not 0 <= value <= MAX_TIME:
+        raise BadParameter(param, f"{text!r} is out of range (0 to year 9999)")
+    return value
+
+
 def time_range(request: web.Request, default_from: str = "-1h") -> tuple[int, int]:
     now = request.app[CLOCK]()
-    start = parse_time("from", request.query.get("from", default_from), now)
-    end = parse_time("to", request.query.get("to", "now"), now)
+    text_from = request.query.get("from", default_from)
+    text_to = request.query.get("to", "now")
+    start = _in_range("from", text_from, parse_time("from", text_from, now))
+    end = _in_range("to", text_to, parse_time("to", text_to, now))
     if start >= end:
         raise BadParameter("from", "must be before to")
     return start, end
@@ -181,7 +197,8 @@ def positive_int(request: web.Request, param: str, maximum: int) -> int | None:
     raw = request.query.get(param)
     if raw is None:
         return None
-    if not raw.isdigit() or not 0 < int(raw) <= maximum:
+    # isascii: "¹".isdigit() is True, and int("¹") raises (found by the API fuzzing)
+    if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) <= maximum:
         raise BadParameter(param, f"{raw!r} is not a whole number from 1 to {maximum}")
     return int(raw)
 
@@ -299,6 +316,11 @@ def _dashboard_range(request: web.Request, dashboard: dashboards.Dashboard) -> t
     step = positive_int(request, "step", MAX_STEP)
     if step is None:
         step = dashboards.chart_step(end - start, request.app[LIVE].current.flush_interval)
+    first, last = dashboards.aligned(start, end, step)
+    if (last - first) // step > MAX_POINTS:
+        raise BadParameter(
+            "step", f"{(last - first) // step} points, more than {MAX_POINTS}: use a larger step"
+        )
     return start, end, step
 
 

@@ -678,9 +678,17 @@ class Storage:
         r0 = self.resolutions[0]
         with self._snapshot() as conn:
             marks = ",".join("?" * len(metrics))
-            ids = [row[0] for row in conn.execute(
-                f"SELECT id FROM metrics WHERE name IN ({marks})", list(metrics)
-            )]  # fmt: skip
+            found = conn.execute(
+                f"SELECT id, first_seen, last_seen FROM metrics WHERE name IN ({marks})",
+                list(metrics),
+            ).fetchall()
+            ids = [row[0] for row in found]
+            if not ids:
+                return set()
+            # Only where these metrics have rows: every bucket of the plan is a
+            # seek, and a range like from=0 would otherwise enumerate decades.
+            start = max(start, min(row[1] for row in found))
+            end = min(end, max(row[2] for row in found) + METRIC_SEEN_EVERY)
             plan = plan_segments(
                 _floor(start, r0), _ceil(end, r0), self.resolutions, _watermarks(self, conn)
             )

@@ -154,6 +154,9 @@ def flush_costs(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, 
         with _QueueWatch(daemon.udp_port, probe_seconds + 30) as watch:
             report = send(probe, daemon.udp_port, probe_rate, probe_seconds)
             drain = wait_drained(daemon.udp_port)
+        # The full window's flush ran during the probe: its duration is the
+        # latest one now (the final wait below ends on a later, small flush).
+        during = daemon.health()
         probe_sent = probe.lines_sent(report["sent"])
         daemon.wait_flush_after(time.time(), interval * 2 + 120)
         after = daemon.health()
@@ -175,7 +178,8 @@ def flush_costs(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, 
         else None,
         "max_rx_queue_bytes": watch.max_queue,
         "drain_seconds": drain,
-        "flush_seconds": after["last_flush_seconds"],
+        "flush_seconds": during["last_flush_seconds"],
+        "flushes_during_probe": during["flushes"] - before["flushes"],
     }
     log(f"  loss during a {size:,}-series flush: {loss}")
     return {"flush": rows, "flush_loss": loss}
