@@ -158,6 +158,10 @@ class Ours(Daemon):
             f"flush_interval = {self.flush_interval}\n"
             "[storage]\n"
             f'path = "{self.workdir / "metrics.db"}"\n'
+            # the flush benchmark holds 1M series in one window: above the default limit
+            "[limits]\n"
+            "max_series = 2000000\n"
+            "max_series_per_metric = 2000000\n"
         )
         return [str(PYTHON), "-m", "aggregator", "--config", str(config)]
 

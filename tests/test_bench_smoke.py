@@ -1,0 +1,48 @@
+"""The benchmark suite in its smoke mode, so CI keeps it working.
+
+Its figures mean nothing at these rates; what is checked is that every
+part ran: both daemons received the load (the runner exits non-zero when
+one received nothing), the flush and query sections produced figures, and
+every query answered 200.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(600)
+def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    missing = [tool for tool in ("gcc", "node", "npm", "taskset") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the benchmark needs {', '.join(missing)}")
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/run.py",
+            "--smoke",
+            "--sections",
+            "rate,flush,query",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ours/Etsy" in done.stdout
+    results = json.loads(out.read_text())
+    assert results["args"]["smoke"] is True
+    assert results["flush"], "no flush figures"
+    assert [q["status"] for q in results["query"]] == [200] * len(results["query"])
