@@ -25,6 +25,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -222,7 +223,12 @@ class Ours(Daemon):
         """The same sums as the HTTP query API reports them (stat=sum, last day)."""
         out: dict[str, float] = {}
         for name in names:
-            body = self.get("/api/v1/series", {"metric": name, "from": "-1d", "stat": "sum"})
+            params = {"metric": name, "from": "-1d", "stat": "sum"}
+            try:
+                body = self.get("/api/v1/series", params)
+            except urllib.error.HTTPError as exc:
+                detail = exc.read()[:300].decode(errors="replace")
+                raise RuntimeError(f"query API on {name}: HTTP {exc.code} {detail}") from exc
             out[name] = float(sum(s["value"] or 0 for s in body["series"]))
         return out
 
