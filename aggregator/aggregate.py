@@ -46,7 +46,7 @@ from typing import Any
 
 from .limits import TIMESTAMP_OUT_OF_RANGE, Budget, Drops, Limits
 from .model import COUNTER, DISTRIBUTION_TYPES, GAUGE, SET, Rollup, Sample, SeriesKey
-from .sketch import RANK_EPSILON, SetState, Sketch
+from .sketch import RANK_EPSILON, SetState, Sketch, sketch_bytes
 
 __all__ = ["Aggregator", "ClosedWindow", "exact_quantiles", "snapshot"]
 
@@ -343,12 +343,7 @@ def exact_quantiles(
     if weights is None:
         ordered = sorted(values)
         n = len(ordered)
-        out = []
-        for p in percentiles:
-            # p * n is exact for integer p and n: no 0.07 * 100 surprises
-            rank = math.ceil(p * n / 100.0 * (1.0 - RANK_EPSILON))
-            out.append(ordered[min(max(rank, 1), n) - 1])
-        return out
+        return [ordered[_rank(p, n)] for p in percentiles]
     order = sorted(range(len(values)), key=values.__getitem__)
     cumulative = list(accumulate(weights[i] for i in order))
     total = cumulative[-1]
@@ -361,6 +356,12 @@ def exact_quantiles(
         position = bisect_left(cumulative, p / 100.0 * total * (1.0 - RANK_EPSILON))
         out.append(values[order[min(position, last)]])
     return out
+
+
+def _rank(p: float, n: int) -> int:
+    """Index of the nearest-rank p-th percentile among n sorted unit-weight values."""
+    # p * n is exact for integer p and n: no 0.07 * 100 surprises
+    return min(max(math.ceil(p * n / 100.0 * (1.0 - RANK_EPSILON)), 1), n) - 1
 
 
 def snapshot(closed: ClosedWindow, percentiles: Sequence[float]) -> list[Rollup]:
@@ -384,12 +385,8 @@ def snapshot(closed: ClosedWindow, percentiles: Sequence[float]) -> list[Rollup]
             m if isinstance(m, str) else repr(m) for m in members
         ).to_bytes()
         append(Rollup(*key, start, n, n, n, n, n, state))
-    rollups.sort(key=_series_order)
+    rollups.sort()  # (name, type, tags) is unique in a window: start and beyond never compare
     return rollups
-
-
-def _series_order(rollup: Rollup) -> tuple[str, str, Any]:
-    return (rollup.name, rollup.type, rollup.tags)
 
 
 def _gauge_rollups(closed: ClosedWindow, append: Any) -> None:
@@ -412,14 +409,18 @@ def _distribution_rollup(
     percentiles: tuple[float, ...],
 ) -> Rollup:
     """count/sum/min/max/last, exact percentiles and the sketch of one series."""
-    if weights is not None and len(weights) < len(values):
-        weights = weights + [1.0] * (len(values) - len(weights))
     if weights is None:
-        count = float(len(values))
-        total = math.fsum(values)
-    else:
-        count = math.fsum(weights)
-        total = math.fsum(v * w for v, w in zip(values, weights, strict=True))
+        ordered = sorted(values)
+        n = len(ordered)
+        quantiles = tuple((p, ordered[_rank(p, n)]) for p in percentiles)
+        return Rollup(
+            *key, start, float(n), math.fsum(values), ordered[0], ordered[-1], values[-1],
+            sketch_bytes(values, ordered[0], ordered[-1]), quantiles,
+        )  # fmt: skip
+    if len(weights) < len(values):
+        weights = weights + [1.0] * (len(values) - len(weights))
+    count = math.fsum(weights)
+    total = math.fsum(v * w for v, w in zip(values, weights, strict=True))
     quantiles = tuple(zip(percentiles, exact_quantiles(values, weights, percentiles), strict=True))
     sketch = Sketch.from_values(values, weights)
     return Rollup(

@@ -126,9 +126,11 @@ class Parsed:
     lines: int = 0  # non-empty lines seen, good or bad
 
 
-@dataclass(frozen=True, slots=True)
-class Rollup:
+class Rollup(NamedTuple):
     """One series over one flush window, ready to be stored.
+
+    A NamedTuple, like Sample: a flush builds one per active series (100k
+    and more), and a tuple is built in C, about 4x faster than a dataclass.
 
     Field meaning by type (see README "Storage schema"):
     - counter: sum = sum(value / rate), count = sum(1 / rate) over lines.
@@ -146,7 +148,7 @@ class Rollup:
     type: str
     tags: Tags
     start: int  # window start, unix seconds, a multiple of the interval
-    count: float
+    count: float  # type: ignore[assignment]  # shadows tuple.count(), never called
     sum: float
     min: float
     max: float

@@ -80,6 +80,7 @@ __all__ = [
     "SetState",
     "Sketch",
     "merge_blobs",
+    "sketch_bytes",
 ]
 
 ALPHA = 0.005
@@ -118,6 +119,8 @@ def _representative(index: int) -> float:
 #: msgpack integers stop at 2**64; a larger whole weight (a sample rate like
 #: @1e-300 makes one: found by tests/fuzz) travels as a float
 _MAX_PACKED_INT = float(2**63)
+#: ints up to here survive a round trip through float unchanged
+_EXACT_INT = 2**53
 
 
 def _pack_weight(weight: float) -> int | float:
@@ -131,6 +134,41 @@ def _pack_weights(buckets: dict[int, float]) -> dict[int, int | float]:
     if all(map(float.is_integer, weights)) and max(weights, default=0.0) < _MAX_PACKED_INT:
         return dict(zip(buckets, map(int, weights), strict=True))
     return {index: _pack_weight(weight) for index, weight in buckets.items()}
+
+
+def sketch_bytes(values: Sequence[float], low: float, high: float) -> bytes:
+    """``Sketch.from_values(values).to_bytes()``, byte for byte, for values of weight 1.
+
+    The flush's common case (an unsampled timer), built without a Sketch:
+    every weight is a whole count, so the bucket maps go to msgpack as they
+    are.  ``low`` and ``high`` are the values' min and max (the caller has
+    sorted them already).  Values are folded with a Counter only when there
+    are many, so the logarithm runs once per distinct value.
+    """
+    positive: dict[int, int] = {}
+    negative: dict[int, int] = {}
+    zero = 0
+    log = math.log
+    ceil = math.ceil
+    inv_log_gamma = _INV_LOG_GAMMA
+    items: Iterable[tuple[float, int]] = (
+        Counter(values).items() if len(values) > 16 else ((v, 1) for v in values)
+    )
+    for value, weight in items:
+        if value > 0.0:
+            index = ceil(log(value) * inv_log_gamma)
+            positive[index] = positive.get(index, 0) + weight
+        elif value < 0.0:
+            index = ceil(log(-value) * inv_log_gamma)
+            negative[index] = negative.get(index, 0) + weight
+        else:
+            zero += weight
+    if len(positive) > MAX_BUCKETS or len(negative) > MAX_BUCKETS:
+        return Sketch.from_values(values).to_bytes()
+    packed: bytes = msgpack.packb(
+        [_SKETCH_VERSION, zero, low, high, positive, negative], use_bin_type=True
+    )
+    return packed
 
 
 class Sketch:
@@ -471,13 +509,92 @@ def merge_blobs(type_code: str, blobs: Iterable[bytes | None]) -> bytes | None:
     if len(present) == 1:
         return present[0]
     if type_code in DISTRIBUTION_TYPES:
+        merged = _merge_small_sketches(present)
+        if merged is not None:
+            return merged
         sketch = Sketch.from_bytes(present[0])
         for blob in present[1:]:
             sketch.merge(Sketch.from_bytes(blob))
         return sketch.to_bytes()
     if type_code == SET:
+        merged = _merge_exact_sets(present)
+        if merged is not None:
+            return merged
         state = SetState.from_bytes(present[0])
         for blob in present[1:]:
             state.merge(SetState.from_bytes(blob))
         return state.to_bytes()
     raise ValueError(f"type {type_code!r} has no mergeable state")
+
+
+def _merge_small_sketches(blobs: list[bytes]) -> bytes | None:
+    """merge_blobs of sketches without building Sketch objects: the bucket maps
+    are added as msgpack gives them.  Downsampling merges a dozen or more
+    small sketches per series and bucket, so this runs once per timer series
+    at every compaction.  The bytes are those of the Sketch path.  None when
+    that path must decide: a blob that is not a well-formed version-1 sketch
+    (it raises the right error), or a result over MAX_BUCKETS (it folds).
+    """
+    positive: dict[int, Any] = {}
+    negative: dict[int, Any] = {}
+    zero: Any = 0
+    low = math.inf
+    high = -math.inf
+    unpackb = msgpack.unpackb
+    try:
+        for blob in blobs:
+            version, weight, first, last, more, less = unpackb(blob, strict_map_key=False)
+            if version != _SKETCH_VERSION:
+                return None
+            zero += weight
+            if first < low:
+                low = first
+            if last > high:
+                high = last
+            get = positive.get
+            for index, weight in more.items():
+                positive[index] = get(index, 0) + weight
+            get = negative.get
+            for index, weight in less.items():
+                negative[index] = get(index, 0) + weight
+    except (ValueError, TypeError, AttributeError, msgpack.UnpackException):
+        return None
+    if len(positive) > MAX_BUCKETS or len(negative) > MAX_BUCKETS:
+        return None
+    if not (type(zero) is int and zero < _EXACT_INT and _all_int(positive) and _all_int(negative)):
+        # some weight is fractional (a sample rate): write whole sums as ints, as to_bytes does
+        try:
+            zero = _pack_weight(float(zero))
+            positive = {int(i): _pack_weight(float(w)) for i, w in positive.items()}
+            negative = {int(i): _pack_weight(float(w)) for i, w in negative.items()}
+        except (TypeError, ValueError):
+            return None
+    packed: bytes = msgpack.packb(
+        [_SKETCH_VERSION, zero, float(low), float(high), positive, negative], use_bin_type=True
+    )
+    return packed
+
+
+def _all_int(buckets: dict[int, Any]) -> bool:
+    """Every weight a plain int that a float holds exactly (else: the float path)."""
+    return all(type(weight) is int and weight < _EXACT_INT for weight in buckets.values())
+
+
+def _merge_exact_sets(blobs: list[bytes]) -> bytes | None:
+    """merge_blobs of exact set states that stay exact, as plain set unions; None
+    when the SetState path must decide (a HyperLogLog, too many members, or a
+    malformed blob)."""
+    members: set[Any] = set()
+    unpackb = msgpack.unpackb
+    try:
+        for blob in blobs:
+            version, kind, listed = unpackb(blob)
+            if version != _SET_VERSION or kind != _SET_EXACT or type(listed) is not list:
+                return None
+            members.update(listed)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return None
+    if len(members) > SET_EXACT_LIMIT or not all(type(m) is str for m in members):
+        return None
+    packed: bytes = msgpack.packb([_SET_VERSION, _SET_EXACT, sorted(members)], use_bin_type=True)
+    return packed

@@ -18,7 +18,14 @@ from itertools import accumulate
 import msgpack
 import pytest
 
-from aggregator.sketch import SET_EXACT_LIMIT, SetState, Sketch, merge_blobs
+from aggregator.sketch import (
+    MAX_BUCKETS,
+    SET_EXACT_LIMIT,
+    SetState,
+    Sketch,
+    merge_blobs,
+    sketch_bytes,
+)
 
 PERCENTILES = (1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)
 QS = tuple(p / 100 for p in PERCENTILES)
@@ -209,6 +216,76 @@ def test_serialized_form_is_the_documented_one() -> None:
     # index of 1.0 is ceil(log(1) / log(gamma)) = 0; whole weights are ints
     blob = Sketch.from_values([0.0, 1.0, -1.0, 1.0], [1.0, 2.0, 1.5, 1.0]).to_bytes()
     assert msgpack.unpackb(blob, strict_map_key=False) == [1, 1, -1.0, 1.0, {0: 3}, {0: 1.5}]
+
+
+#: value lists for the flush's fast path: few and many, repeats, zeros, both
+#: signs, and a span wider than MAX_BUCKETS buckets (falls back to Sketch)
+FAST_PATH_CASES = {
+    "one": [3.0],
+    "few": [1.0, 2.0, 2.0, 250.5],
+    "zeros-and-negatives": [-4.0, -0.5, 0.0, 0.0, 7.0],
+    "many-repeats": [float(i % 7) for i in range(100)],
+    "lognormal": [random.Random(3).lognormvariate(0, 2) for _ in range(500)],
+    "wider-than-the-bucket-cap": [1.0075 ** i for i in range(2 * MAX_BUCKETS)],
+}
+
+
+@pytest.mark.parametrize("values", FAST_PATH_CASES.values(), ids=FAST_PATH_CASES.keys())
+def test_sketch_bytes_is_the_sketch_of_unit_weights(values: list[float]) -> None:
+    fast = sketch_bytes(values, min(values), max(values))
+    assert fast == Sketch.from_values(values).to_bytes()
+
+
+def slow_merge(type_code: str, blobs: list[bytes]) -> bytes:
+    """The object path of merge_blobs, for comparison with its fast paths."""
+    if type_code == "s":
+        state = SetState.from_bytes(blobs[0])
+        for blob in blobs[1:]:
+            state.merge(SetState.from_bytes(blob))
+        return state.to_bytes()
+    sketch = Sketch.from_bytes(blobs[0])
+    for blob in blobs[1:]:
+        sketch.merge(Sketch.from_bytes(blob))
+    return sketch.to_bytes()
+
+
+#: (type, blobs) pairs: unit weights, fractional weights, zeros and negatives,
+#: sums that pass 2**53, more buckets than MAX_BUCKETS, sets that stay exact
+#: and sets that outgrow the exact limit
+MERGE_CASES = {
+    "unit-weights": ("ms", [Sketch.from_values([1.0, 2.0, 2.0]).to_bytes(),
+                            Sketch.from_values([2.0, 300.0]).to_bytes()]),
+    "fractional-weights": ("h", [Sketch.from_values([1.0, 5.0], [0.5, 2.5]).to_bytes(),
+                                 Sketch.from_values([5.0, -1.0], [1.5, 1.0]).to_bytes()]),
+    "zeros-and-negatives": ("d", [Sketch.from_values([0.0, -3.0]).to_bytes(),
+                                  Sketch.from_values([0.0, 0.0, -3.0, 4.0]).to_bytes()]),
+    "huge-weights": ("ms", [Sketch.from_values([1.0], [2.0**52 + 2]).to_bytes(),
+                            Sketch.from_values([1.0], [2.0**52]).to_bytes()]),
+    "over-the-bucket-cap": ("ms", [
+        Sketch.from_values([1.0075 ** i for i in range(0, 2 * MAX_BUCKETS, 2)]).to_bytes(),
+        Sketch.from_values([1.0075 ** i for i in range(1, 2 * MAX_BUCKETS, 2)]).to_bytes()]),
+    "sets-exact": ("s", [SetState.from_members(["a", "b"]).to_bytes(),
+                         SetState.from_members(["b", "c", "é"]).to_bytes()]),
+    "sets-outgrow-exact": ("s", [
+        SetState.from_members(str(i) for i in range(SET_EXACT_LIMIT)).to_bytes(),
+        SetState.from_members(str(-i) for i in range(1, 10)).to_bytes()]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("type_code", "blobs"), MERGE_CASES.values(), ids=MERGE_CASES.keys())
+def test_merge_blobs_matches_the_object_path(type_code: str, blobs: list[bytes]) -> None:
+    assert merge_blobs(type_code, blobs) == slow_merge(type_code, blobs)
+    assert merge_blobs(type_code, blobs[::-1]) == slow_merge(type_code, blobs[::-1])
+
+
+def test_merge_blobs_of_many_random_windows_matches_the_object_path() -> None:
+    rng = random.Random(11)
+    blobs = []
+    for _ in range(40):
+        values = [round(rng.lognormvariate(3, 1), 1) for _ in range(rng.randint(1, 30))]
+        weights = [rng.choice([1.0, 2.0, 0.5]) for _ in values] if rng.random() < 0.3 else None
+        blobs.append(Sketch.from_values(values, weights).to_bytes())
+    assert merge_blobs("ms", blobs) == slow_merge("ms", blobs)
 
 
 def test_bytes_round_trip_keeps_everything() -> None:
