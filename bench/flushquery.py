@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import http.client
 import math
 import random
@@ -249,7 +248,7 @@ def build_day(path: Path, hours: float, interval: int = 10) -> dict[str, Any]:
     windows = int(hours * 3600) // interval
     for i in range(windows):
         start = first + i * interval
-        batch.extend(dataclasses.replace(r, start=start) for r in variants[i % len(variants)])
+        batch.extend(r._replace(start=start) for r in variants[i % len(variants)])
         if len(batch) >= 60_000 or i == windows - 1:
             storage.write(batch)
             rows += len(batch)
