@@ -60,6 +60,7 @@ class SeriesStore(Protocol):
         limit: int | None,
         type_code: str | None,
         now: int,
+        points: bool = True,
     ) -> dict[str, Any]: ...
 
     def distinct_tag_values(
@@ -572,7 +573,9 @@ class _Evaluation:
     """Queries over one range and step; each distinct query runs once.
 
     (The shipped dashboard asks for the views sum four times: the value,
-    the error rate's denominator, and both charts.)
+    the error rate's denominator, and both charts.) The values need no
+    points, and are queried without them: over a day, the points of a
+    top list are most of the cost (1.2 s of 1.5 s at 500 series).
     """
 
     def __init__(self, store: SeriesStore, start: int, end: int, step: int, now: int) -> None:
@@ -581,7 +584,7 @@ class _Evaluation:
         self.end = end
         self.step = max(1, step)
         self.now = now
-        self._cache: dict[tuple[Query, str | None], list[dict[str, Any]]] = {}
+        self._cache: dict[tuple[Query, str | None, bool], list[dict[str, Any]]] = {}
 
     def values(self, dashboard: Dashboard) -> Document:
         document: Document = {}
@@ -626,13 +629,13 @@ class _Evaluation:
         raise TypeError(source)  # pragma: no cover - a TopList is not a number
 
     def _scalar(self, query: Query, where: str) -> float:
-        found = self._series(query, None, where)
+        found = self._series(query, None, where, points=False)
         return _finite(found[0]["value"]) if found else 0.0
 
     def _top(self, top: TopList, decimals: int | None, where: str) -> list[dict[str, Any]]:
         # Every group, not storage's first `limit`: ties at the cut are broken
         # here by id, which storage's order does not promise.
-        found = self._series(top.query, top.group_by, where)
+        found = self._series(top.query, top.group_by, where, points=False)
         ranked = sorted(
             ((str(s["tags"].get(top.group_by, "")), _finite(s["value"])) for s in found),
             key=lambda item: (-item[1], item[0]),
@@ -644,7 +647,7 @@ class _Evaluation:
         ]
 
     def _points(self, query: Query, where: str) -> Points:
-        found = self._series(query, None, where)
+        found = self._series(query, None, where, points=True)
         if not found:
             return []
         return [(int(ts), _finite(v)) for ts, v in found[0]["points"]]
@@ -658,13 +661,21 @@ class _Evaluation:
             for ts in sorted(above.keys() | below.keys())
         ]
 
-    def _series(self, query: Query, group_by: str | None, where: str) -> list[dict[str, Any]]:
-        key = (query, group_by)
+    def _series(
+        self, query: Query, group_by: str | None, where: str, points: bool
+    ) -> list[dict[str, Any]]:
+        """The query's series, with points if asked (or if a chart already asked)."""
+        with_points = self._cache.get((query, group_by, True))
+        if with_points is not None:
+            return with_points
+        key = (query, group_by, points)
         if key not in self._cache:
-            self._cache[key] = self._query(query, group_by, where)
+            self._cache[key] = self._query(query, group_by, where, points)
         return self._cache[key]
 
-    def _query(self, query: Query, group_by: str | None, where: str) -> list[dict[str, Any]]:
+    def _query(
+        self, query: Query, group_by: str | None, where: str, points: bool
+    ) -> list[dict[str, Any]]:
         from .storage import QueryError  # config imports this module; keep storage out of it
 
         try:
@@ -679,6 +690,7 @@ class _Evaluation:
                 limit=None,
                 type_code=query.type_code,
                 now=self.now,
+                points=points,
             )
         except QueryError as exc:
             if exc.param == "metric" and "not found" in exc.message:
