@@ -19,7 +19,8 @@ import json
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -84,10 +85,17 @@ class FlushFeed:
         self.latest: dict[str, Any] = {}
         self.closed = False
         self._changed = asyncio.Event()
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` at each publish, after `seq` moved, before any waiter wakes."""
+        self._listeners.append(listener)
 
     def publish(self, summary: dict[str, Any]) -> None:
         self.seq += 1
         self.latest = {"seq": self.seq, **summary}
+        for listener in self._listeners:
+            listener()
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -171,10 +179,10 @@ def _in_range(param: str, text: str, value: int) -> int:
     return value
 
 
-def time_range(request: web.Request, default_from: str = "-1h") -> tuple[int, int]:
-    now = request.app[CLOCK]()
-    text_from = request.query.get("from", default_from)
-    text_to = request.query.get("to", "now")
+def time_range(query: Mapping[str, str], now: float, default_from: str = "-1h") -> tuple[int, int]:
+    """`from` and `to` of a request's query, at the clock's `now`."""
+    text_from = query.get("from", default_from)
+    text_to = query.get("to", "now")
     start = _in_range("from", text_from, parse_time("from", text_from, now))
     end = _in_range("to", text_to, parse_time("to", text_to, now))
     if start >= end:
@@ -193,8 +201,8 @@ def tag_filters(request: web.Request) -> list[tuple[str, str]]:
     return filters
 
 
-def positive_int(request: web.Request, param: str, maximum: int) -> int | None:
-    raw = request.query.get(param)
+def positive_int(query: Mapping[str, str], param: str, maximum: int) -> int | None:
+    raw = query.get(param)
     if raw is None:
         return None
     # isascii: "¹".isdigit() is True, and int("¹") raises (found by the API fuzzing)
@@ -259,9 +267,9 @@ async def series(request: web.Request) -> web.Response:
     metric = request.query.get("metric", "")
     if not metric:
         raise BadParameter("metric", "is required")
-    start, end = time_range(request)
-    step = positive_int(request, "step", MAX_STEP)
-    limit = positive_int(request, "limit", MAX_LIMIT)
+    start, end = time_range(request.query, request.app[CLOCK]())
+    step = positive_int(request.query, "step", MAX_STEP)
+    limit = positive_int(request.query, "limit", MAX_LIMIT)
     group_by = request.query.get("group_by") or None
     tags = tag_filters(request)
     type_code = metric_type(request)
@@ -293,7 +301,7 @@ async def limits(request: web.Request) -> web.Response:
 
 
 async def events(request: web.Request) -> web.Response:
-    start, end = time_range(request, default_from="-1d")
+    start, end = time_range(request.query, request.app[CLOCK](), default_from="-1d")
     found = await _in_thread(request, request.app[STORAGE].events, start, end, tag_filters(request))
     return web.json_response({"events": found})
 
@@ -303,45 +311,12 @@ async def checks(request: web.Request) -> web.Response:
     return web.json_response({"checks": found})
 
 
-def _dashboard(request: web.Request, name: str) -> dashboards.Dashboard:
-    dashboard = request.app[LIVE].current.dashboard(name)
-    if dashboard is None:
-        raise NotFound(f"no dashboard named {name!r}; GET /api/v1/dashboards lists them")
-    return dashboard
-
-
-def _dashboard_range(request: web.Request, dashboard: dashboards.Dashboard) -> tuple[int, int, int]:
-    """(start, end, step): the request's range (default: the dashboard's), and its step."""
-    start, end = time_range(request, default_from=f"-{dashboard.range}s")
-    step = positive_int(request, "step", MAX_STEP)
-    if step is None:
-        step = dashboards.chart_step(end - start, request.app[LIVE].current.flush_interval)
-    first, last = dashboards.aligned(start, end, step)
-    if (last - first) // step > MAX_POINTS:
-        raise BadParameter(
-            "step", f"{(last - first) // step} points, more than {MAX_POINTS}: use a larger step"
-        )
-    return start, end, step
-
-
 async def dashboard_document(request: web.Request) -> web.Response:
     """SPEC section 5: exactly the document of the dashboard named by http.dashboard."""
     name = request.app[LIVE].current.default_dashboard
     if not name:
         raise NotFound("no dashboard is served here (http.dashboard is empty)")
-    dashboard = _dashboard(request, name)
-    start, end, step = _dashboard_range(request, dashboard)
-    document = await _in_thread(
-        request,
-        dashboards.evaluate,
-        request.app[STORAGE],
-        dashboard,
-        start,
-        end,
-        step,
-        int(request.app[CLOCK]()),
-    )
-    return web.json_response(document)
+    return await request.app[DOCUMENTS].answer(_Ask(DOCUMENT, name, _range_params(request)))
 
 
 async def list_dashboards(request: web.Request) -> web.Response:
@@ -356,35 +331,179 @@ async def list_dashboards(request: web.Request) -> web.Response:
 
 async def dashboard(request: web.Request) -> web.Response:
     """One dashboard's values and charts over the range, with the range really covered."""
-    found = _dashboard(request, request.match_info["name"])
-    start, end, step = _dashboard_range(request, found)
-    document = await _in_thread(
-        request,
-        _evaluate_with_charts,
-        request.app[STORAGE],
-        found,
-        start,
-        end,
-        step,
-        int(request.app[CLOCK]()),
+    ask = _Ask(WITH_CHARTS, request.match_info["name"], _range_params(request))
+    return await request.app[DOCUMENTS].answer(ask)
+
+
+def _range_params(request: web.Request) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (key, request.query[key]) for key in ("from", "to", "step") if key in request.query
     )
-    return web.json_response(document)
 
 
-def _evaluate_with_charts(
-    storage: Storage, found: dashboards.Dashboard, start: int, end: int, step: int, now: int
-) -> dict[str, Any]:
-    first, last = dashboards.aligned(start, end, step)
-    values, charts = dashboards.evaluate_all(storage, found, start, end, step, now)
-    return {
-        "name": found.name,
-        "title": found.title,
-        "from": first,
-        "to": last,
-        "step": step,
-        "values": values,
-        "charts": charts,
-    }
+# ------------------------------------------------------------------ dashboard documents
+
+#: what a dashboard request answers: SPEC's document, or the page's values and charts
+DOCUMENT = "document"
+WITH_CHARTS = "with_charts"
+#: a request asked again within this time (a poller) is computed again after each
+#: stored flush, until it has not been asked for this long
+WARM_SECONDS = 120.0
+#: at most this many requests are remembered, and this many answers kept
+MAX_WARM = 8
+MAX_DOCUMENTS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """A dashboard request as sent: relative times are resolved anew each time."""
+
+    what: str  # DOCUMENT or WITH_CHARTS
+    name: str
+    params: tuple[tuple[str, str], ...]  # from, to, step as given
+
+
+class DashboardDocuments:
+    """Dashboard answers, computed once per stored flush.
+
+    The stored data changes only when a flush is stored, which bumps
+    `FlushFeed.seq`: an answer for the same dashboard definition, aligned
+    range, step and seq is the same, and is reused (the JSON bytes). A
+    relative range (`-24h`) is resolved at each request, so an answer is
+    never staler than the latest stored flush, nor its range than its step.
+    A dashboard with a `rate` value also keys on the clock: its divisor
+    ends now.
+
+    At each stored flush the answers go, and each request that is being
+    polled (asked twice, then again, at most WARM_SECONDS apart) is
+    computed again at once in the reader pool, so that pollers find it
+    ready; one computation per request at a time, so a slow dashboard never
+    piles work up. Concurrent requests for one answer share one
+    computation. Errors are not kept.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        live: LiveConfig,
+        feed: FlushFeed,
+        executor: concurrent.futures.Executor,
+        clock: Callable[[], float],
+    ) -> None:
+        self.storage = storage
+        self.live = live
+        self.feed = feed
+        self.executor = executor
+        self.clock = clock
+        #: computations started (a reuse starts none)
+        self.computations = 0
+        self._answers: dict[tuple[Any, ...], asyncio.Future[bytes]] = {}
+        #: when each request was last asked and whether it is polled; oldest first
+        self._asked: dict[_Ask, tuple[float, bool]] = {}
+        self._warming: dict[_Ask, asyncio.Future[bytes]] = {}
+        feed.subscribe(self._stored)
+
+    async def answer(self, ask: _Ask) -> web.Response:
+        key, job = self._plan(ask)  # bad parameters raise here: nothing is kept
+        now = self.clock()
+        before = self._asked.pop(ask, None)
+        self._asked[ask] = (now, before is not None and now - before[0] <= WARM_SECONDS)
+        while len(self._asked) > MAX_WARM:
+            del self._asked[next(iter(self._asked))]
+        body = await asyncio.shield(self._start(key, job))
+        return web.Response(body=body, content_type="application/json", charset="utf-8")
+
+    def _plan(self, ask: _Ask) -> tuple[tuple[Any, ...], Callable[[], bytes]]:
+        """(the answer's key, the job that computes it) at the clock's now."""
+        config = self.live.current
+        found = config.dashboard(ask.name)
+        if found is None:
+            raise NotFound(f"no dashboard named {ask.name!r}; GET /api/v1/dashboards lists them")
+        now = self.clock()
+        params = dict(ask.params)
+        start, end = time_range(params, now, default_from=f"-{found.range}s")
+        step = positive_int(params, "step", MAX_STEP)
+        if step is None:
+            step = dashboards.chart_step(end - start, config.flush_interval)
+        first, last = dashboards.aligned(start, end, step)
+        if (last - first) // step > MAX_POINTS:
+            raise BadParameter(
+                "step",
+                f"{(last - first) // step} points, more than {MAX_POINTS}: use a larger step",
+            )
+        rate_now = int(now) if dashboards.divides_by_now(found) else None
+        key = (ask.what, found, first, last, step, rate_now, self.feed.seq)
+        job = functools.partial(_render, ask.what, self.storage, found, first, last, step, int(now))
+        return key, job
+
+    def _start(self, key: tuple[Any, ...], job: Callable[[], bytes]) -> asyncio.Future[bytes]:
+        future = self._answers.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().run_in_executor(self.executor, job)
+            self.computations += 1
+            future.add_done_callback(functools.partial(self._done, key))
+            self._answers[key] = future
+            while len(self._answers) > MAX_DOCUMENTS:
+                del self._answers[next(iter(self._answers))]
+        return future
+
+    def _done(self, key: tuple[Any, ...], future: asyncio.Future[bytes]) -> None:
+        failed = future.cancelled() or future.exception() is not None
+        if failed and self._answers.get(key) is future:
+            del self._answers[key]  # the next request tries again, and reports
+
+    def _stored(self) -> None:
+        """FlushFeed: a flush was stored. Drop every answer; compute the warm ones anew."""
+        self._answers.clear()
+        if self.feed.closed:
+            return
+        since = self.clock() - WARM_SECONDS
+        for ask, (when, polled) in list(self._asked.items()):
+            if when < since:
+                del self._asked[ask]
+                continue
+            if not polled or ask in self._warming:
+                continue
+            try:
+                key, job = self._plan(ask)
+            except (BadParameter, NotFound):  # a dashboard gone with a reload
+                del self._asked[ask]
+                continue
+            future = self._warming[ask] = self._start(key, job)
+            future.add_done_callback(functools.partial(self._warmed, ask))
+
+    def _warmed(self, ask: _Ask, future: asyncio.Future[bytes]) -> None:
+        if self._warming.get(ask) is future:
+            del self._warming[ask]
+
+
+def _render(
+    what: str,
+    storage: Storage,
+    found: dashboards.Dashboard,
+    first: int,
+    last: int,
+    step: int,
+    now: int,
+) -> bytes:
+    """A reader thread: the answer as JSON bytes."""
+    if what == DOCUMENT:
+        document = dashboards.evaluate(storage, found, first, last, step, now)
+    else:
+        values, charts = dashboards.evaluate_all(storage, found, first, last, step, now)
+        document = {
+            "name": found.name,
+            "title": found.title,
+            "from": first,
+            "to": last,
+            "step": step,
+            "values": values,
+            "charts": charts,
+        }
+    return json.dumps(document).encode()
+
+
+DOCUMENTS = web.AppKey("documents", DashboardDocuments)
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
@@ -502,6 +621,7 @@ def create_app(
     app[FEED] = feed
     app[EXPOSITION] = exposition if exposition is not None else Exposition(0, clock)
     app[LIVE] = live if live is not None else LiveConfig(config)
+    app[DOCUMENTS] = DashboardDocuments(storage, app[LIVE], feed, executor, clock)
     if guard is not None:
         app[GUARD] = guard
     app[LIMITS_REPORT] = limits_report if limits_report is not None else dict

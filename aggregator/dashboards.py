@@ -558,7 +558,26 @@ def evaluate_all(
 ) -> tuple[Document, list[dict[str, Any]]]:
     """`evaluate` and `evaluate_charts` at once: a query both need runs once."""
     evaluation = _Evaluation(store, start, end, step, now)
-    return evaluation.values(dashboard), evaluation.charts(dashboard)
+    charts = evaluation.charts(dashboard)  # first: the values reuse what they queried
+    return evaluation.values(dashboard), charts
+
+
+def divides_by_now(dashboard: Dashboard) -> bool:
+    """Whether a value is a `rate`: over a range that ends after `now`, its
+    divisor is the time elapsed until `now`, so the value moves with the clock."""
+    return any(
+        query.stat == "rate" for value in dashboard.values for query in _queries(value.source)
+    )
+
+
+def _queries(source: Source) -> tuple[Query, ...]:
+    if isinstance(source, Query):
+        return (source,)
+    if isinstance(source, Ratio):
+        return (source.numerator, source.denominator)
+    if isinstance(source, TopList):
+        return (source.query,)
+    return ()
 
 
 def aligned(start: int, end: int, step: int) -> tuple[int, int]:

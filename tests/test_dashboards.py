@@ -721,6 +721,178 @@ async def test_a_definition_the_data_contradicts_answers_500_naming_the_key(
     assert body["error"].startswith("dashboards.d.values.slow: stat: 'p99' is not a stat")
 
 
+# ---------------------------------------------------------------- answers per stored flush
+
+
+class Clock:
+    """A settable clock (unix seconds)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Served:
+    """The API over the real storage, with its feed, its documents and a settable clock."""
+
+    def __init__(self, http: TestClient, feed: api.FlushFeed, clock: Clock) -> None:
+        self.http = http
+        self.feed = feed
+        self.clock = clock
+        self.documents = http.app[api.DOCUMENTS]
+
+    async def get(self, path: str, **params: str) -> Any:
+        response = await self.http.get(path, params=params)
+        assert response.status == 200, await response.text()
+        assert response.headers["Content-Type"] == "application/json; charset=utf-8"
+        return await response.json()
+
+    def stored(self) -> None:
+        """What the daemon does once a flush is in SQLite (Daemon._stored)."""
+        self.feed.publish({"windows": [], "rollups": 0})
+
+    @property
+    def computations(self) -> int:
+        """Computations started so far (a reused answer starts none)."""
+        return self.documents.computations
+
+
+async def serve(storage: Storage, cfg: config.Config) -> AsyncIterator[Served]:
+    feed = api.FlushFeed()
+    clock = Clock(NOW)
+    app = api.create_app(
+        storage=storage,
+        config=cfg,
+        health=dict,
+        executor=None,  # type: ignore[arg-type]  # the loop's default executor
+        clock=clock,
+        feed=feed,
+    )
+    async with TestClient(TestServer(app)) as http:
+        yield Served(http, feed, clock)
+
+
+@pytest.fixture
+async def served(storage: Storage) -> AsyncIterator[Served]:
+    async for one in serve(storage, config.load(None, {"aggregation.flush_interval": INTERVAL})):
+        yield one
+
+
+async def test_an_answer_is_reused_until_the_next_flush_is_stored(
+    served: Served, storage: Storage, write: Writer
+) -> None:
+    views = P + "workbook.views"
+    write.window(NOW - 600, [counter(views, 2, workbook_id="wb-1", user_id="u")])
+    document = await served.get("/api/metrics/dashboard")
+    assert_same(document, evaluate(storage))  # what a fresh evaluation gives
+    assert document["workbookViews"] == 2
+    page = await served.get("/api/v1/dashboards/sigma_playground", **{"from": "-1h"})
+    values, charts = dashboards.evaluate_all(storage, shipped(), NOW - 3600, NOW, 30, NOW)
+    assert_same(page, {"name": "sigma_playground", "title": "Sigma playground",
+                       "from": NOW - 3600, "to": NOW, "step": 30,
+                       "values": values, "charts": charts})  # fmt: skip
+    assert served.computations == 2
+
+    # Stored, but not yet announced: the answers stay those of the last flush.
+    write.window(NOW - 300, [counter(views, 3, workbook_id="wb-2", user_id="u")])
+    assert await served.get("/api/metrics/dashboard") == document
+    assert await served.get("/api/v1/dashboards/sigma_playground", **{"from": "-1h"}) == page
+    assert served.computations == 2
+
+    served.stored()
+    fresh = await served.get("/api/metrics/dashboard")
+    assert_same(fresh, evaluate(storage))
+    assert fresh["workbookViews"] == 5
+    assert fresh["topWorkbooks"] == [{"id": "wb-2", "views": 3}, {"id": "wb-1", "views": 2}]
+    page = await served.get("/api/v1/dashboards/sigma_playground", **{"from": "-1h"})
+    assert page["values"] == fresh
+
+
+async def test_after_a_stored_flush_polled_answers_are_computed_before_anyone_asks(
+    served: Served, write: Writer
+) -> None:
+    views = P + "workbook.views"
+    day: dict[str, str] = {}
+    quarter = {"from": "-15m"}
+    hour = {"from": "-1h"}
+    for params in (day, quarter, day, quarter):  # polled: asked again
+        await served.get("/api/metrics/dashboard", **params)
+    await served.get("/api/v1/dashboards/sigma_playground", **hour)  # asked once
+    assert served.computations == 3
+
+    write.window(NOW - 60, [counter(views, 4, workbook_id="wb-1", user_id="u")])
+    served.clock.now = NOW + 0.5  # the flush is stored a moment after the window ends
+    served.stored()
+    assert served.computations == 5  # the polled ones, before anyone asks
+    assert (await served.get("/api/metrics/dashboard", **day))["workbookViews"] == 4
+    assert (await served.get("/api/metrics/dashboard", **quarter))["workbookViews"] == 4
+    assert served.computations == 5
+    page = await served.get("/api/v1/dashboards/sigma_playground", **hour)
+    assert page["charts"][0]["lines"][0]["points"] == [[NOW - 60, 4.0]]
+    assert served.computations == 6  # asked again: polled from now on
+
+    served.clock.now = NOW + 60
+    served.stored()
+    assert served.computations == 9
+    for params in (day, quarter):
+        await served.get("/api/metrics/dashboard", **params)
+    await served.get("/api/v1/dashboards/sigma_playground", **hour)
+    assert served.computations == 9  # each was ready, or on its way
+
+    # Not asked for WARM_SECONDS: no longer computed ahead.
+    served.clock.now = NOW + 60 + api.WARM_SECONDS + 1
+    served.stored()
+    assert served.computations == 9
+
+
+async def test_a_relative_range_is_resolved_at_each_request(served: Served) -> None:
+    """The key is the range really covered (whole steps), not the text of `from`."""
+
+    async def covered() -> tuple[int, int]:
+        page = await served.get("/api/v1/dashboards/sigma_playground", **{"from": "-15m"})
+        return page["from"], page["to"]
+
+    assert await covered() == (NOW - 900, NOW)
+    served.clock.now = NOW + 1
+    assert await covered() == (NOW - 900, NOW + 10)
+    served.clock.now = NOW + 9.9
+    assert await covered() == (NOW - 900, NOW + 10)
+    assert served.computations == 2
+    served.clock.now = NOW + 10
+    assert await covered() == (NOW - 890, NOW + 10)
+    assert served.computations == 3
+
+
+async def test_concurrent_requests_share_one_computation(served: Served, write: Writer) -> None:
+    write.window(NOW - 60, [counter(P + "workbook.views", 1, workbook_id="wb-1", user_id="u")])
+    answers = await asyncio.gather(*(served.get("/api/metrics/dashboard") for _ in range(5)))
+    assert [a["workbookViews"] for a in answers] == [1] * 5
+    assert served.computations == 1
+
+
+async def test_a_rate_moves_with_the_clock_between_flushes(
+    storage: Storage, write: Writer, tmp_path: Path
+) -> None:
+    """A rate over a range ending after now divides by the time elapsed until now."""
+    cfg = load(
+        tmp_path,
+        '[http]\ndashboard = "d"\n[dashboards.d]\nrange = "1h"\n'
+        '[dashboards.d.values.hits]\nmetric = "hits"\nstat = "rate"\n',
+    )
+    write.window(NOW - 1800, [counter("hits", 36)])
+    async for served in serve(storage, cfg):
+        served.clock.now = NOW - 5  # the range covered ends at NOW, 5 s from now
+        early = await served.get("/api/metrics/dashboard")
+        served.clock.now = NOW - 4
+        later = await served.get("/api/metrics/dashboard")
+        assert served.computations == 2
+    # the range covered: whole 30 s steps, from NOW - 3630 to NOW
+    assert early == {"hits": 36 / (3630 - 5)}
+    assert later == {"hits": 36 / (3630 - 4)}
+
+
 def test_config_toml_explains_every_dashboard_key() -> None:
     text = (Path(__file__).resolve().parents[1] / "config.toml").read_text()
     section = text[
