@@ -368,25 +368,39 @@ def snapshot(closed: ClosedWindow, percentiles: Sequence[float]) -> list[Rollup]
     """The rollups of one closed window, sorted by (name, type, tags).
 
     Pure: reads the window, never changes it, so it can run off the intake
-    thread.
+    thread. Runs once per series per flush: rollups are built as plain
+    tuples (``_new_rollup``), and the percentile ranks are computed once per
+    distinct number of values.
     """
     start = closed.start
     ps = tuple(float(p) for p in percentiles)
     rollups: list[Rollup] = []
     append = rollups.append
     for key, (total, count) in closed.counters.items():
-        append(Rollup(*key, start, count, total, total, total, total))
+        append(_new_rollup(Rollup, (*key, start, count, total, total, total, total, None, ())))
     _gauge_rollups(closed, append)
+    weights = closed.weights
+    ranks: dict[int, list[int]] = {}
     for key, values in closed.timers.items():
-        append(_distribution_rollup(key, start, values, closed.weights.get(key), ps))
+        weighted = weights.get(key)
+        if weighted is None:
+            append(_timer_rollup(key, start, values, ps, ranks))
+        else:
+            append(_distribution_rollup(key, start, values, weighted, ps))
     for key, members in closed.sets.items():
         n = float(len(members))
         state = SetState.from_members(
             m if isinstance(m, str) else repr(m) for m in members
         ).to_bytes()
-        append(Rollup(*key, start, n, n, n, n, n, state))
+        append(_new_rollup(Rollup, (*key, start, n, n, n, n, n, state, ())))
     rollups.sort()  # (name, type, tags) is unique in a window: start and beyond never compare
     return rollups
+
+
+#: Rollup(...) goes through the NamedTuple's Python-level __new__; a flush
+#: builds one per series, so build the tuple directly (as protocol.py does
+#: for samples). Every field must then be given.
+_new_rollup = tuple.__new__
 
 
 def _gauge_rollups(closed: ClosedWindow, append: Any) -> None:
@@ -394,29 +408,48 @@ def _gauge_rollups(closed: ClosedWindow, append: Any) -> None:
     start = closed.start
     touched = closed.gauges
     for key, (last, low, high) in touched.items():
-        append(Rollup(*key, start, 1.0, last, low, high, last))
+        append(_new_rollup(Rollup, (*key, start, 1.0, last, low, high, last, None, ())))
     if closed.persisted is not None:
         for key, value in closed.persisted.items():
             if key not in touched:
-                append(Rollup(*key, start, 1.0, value, value, value, value))
+                flat = (*key, start, 1.0, value, value, value, value, None, ())
+                append(_new_rollup(Rollup, flat))
+
+
+def _timer_rollup(
+    key: SeriesKey,
+    start: int,
+    values: list[float],
+    percentiles: tuple[float, ...],
+    ranks: dict[int, list[int]],
+) -> Rollup:
+    """The rollup of an unsampled timer (every weight 1): the common case.
+
+    ``ranks`` caches, by number of values, where each percentile falls.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    at = ranks.get(n)
+    if at is None:
+        at = ranks[n] = [_rank(p, n) for p in percentiles]
+    quantiles = tuple(zip(percentiles, map(ordered.__getitem__, at), strict=True))
+    low, high = ordered[0], ordered[-1]
+    return _new_rollup(
+        Rollup,
+        (*key, start, float(n), math.fsum(values), low, high, values[-1],
+         sketch_bytes(values, low, high), quantiles),
+    )  # fmt: skip
 
 
 def _distribution_rollup(
     key: SeriesKey,
     start: int,
     values: list[float],
-    weights: list[float] | None,
+    weights: list[float],
     percentiles: tuple[float, ...],
 ) -> Rollup:
-    """count/sum/min/max/last, exact percentiles and the sketch of one series."""
-    if weights is None:
-        ordered = sorted(values)
-        n = len(ordered)
-        quantiles = tuple((p, ordered[_rank(p, n)]) for p in percentiles)
-        return Rollup(
-            *key, start, float(n), math.fsum(values), ordered[0], ordered[-1], values[-1],
-            sketch_bytes(values, ordered[0], ordered[-1]), quantiles,
-        )  # fmt: skip
+    """count/sum/min/max/last, exact weighted percentiles and the sketch of a
+    sampled series (some weight is not 1)."""
     if len(weights) < len(values):
         weights = weights + [1.0] * (len(values) - len(weights))
     count = math.fsum(weights)

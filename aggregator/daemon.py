@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import signal
 import sqlite3
@@ -46,6 +47,8 @@ Clock = Callable[[], float]
 SHUTDOWN_STEP_SECONDS = 30.0
 #: longest HTTP request line (bytes); a longer one gets aiohttp's plain 400
 MAX_REQUEST_LINE = 65536
+#: allocations between two runs of the cycle collector's first generation
+GC_THRESHOLD = 50_000
 #: carbon and the relay get this long to take what is still queued at stop
 FORWARD_CLOSE_SECONDS = 10.0
 
@@ -62,6 +65,22 @@ def encode_gauges(gauges: dict[SeriesKey, float]) -> bytes:
 def decode_gauges(blob: bytes) -> dict[SeriesKey, float]:
     rows = msgpack.unpackb(blob)
     return {(n, t, tuple((k, v) for k, v in tags)): float(v) for n, t, tags, v in rows}
+
+
+def quiet_gc() -> None:
+    """Keep the cycle collector off the hot paths.
+
+    A window of 100k series holds several hundred thousand tracked objects
+    (the per-series lists), and the caches of the parser and the writer hold
+    more. With CPython's default thresholds the collector runs every 700 net
+    allocations and, every hundred runs, walks the whole heap: that was a
+    large share of a 100k-series flush. Everything alive at start (imports,
+    restored caches) is frozen out of the walk, and the first generation is
+    collected every GC_THRESHOLD allocations instead. The daemon makes few
+    reference cycles, so the collector still runs, only less often.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 10)
 
 
 class Daemon:
@@ -120,10 +139,26 @@ class Daemon:
     # ------------------------------------------------------------ ingest (hot)
 
     def ingest(self, data: bytes) -> None:
-        """Parse one datagram (or run of stream lines) into the open window."""
+        """Parse a run of stream lines (or one datagram) into the open window."""
         relay = self.outputs.relay
         if relay is not None:
             relay.send(data)
+        self._parse(data)
+
+    def ingest_datagrams(self, datagrams: list[bytes]) -> None:
+        """Parse the datagrams of one socket read into the open window.
+
+        They are parsed as one text, joined by newlines: a datagram's lines
+        never run into the next one's, and the parser and the aggregator are
+        called once for the lot. The relay still gets each datagram as it came.
+        """
+        relay = self.outputs.relay
+        if relay is not None:
+            for data in datagrams:
+                relay.send(data)
+        self._parse(datagrams[0] if len(datagrams) == 1 else b"\n".join(datagrams))
+
+    def _parse(self, data: bytes) -> None:
         parsed = self.parser.parse(data)
         stats = self.ingest_stats
         stats.lines += parsed.lines
@@ -244,7 +279,7 @@ class Daemon:
             if not applied and not restart:
                 log.info("reload: no change")
         finally:
-            self.notifier.ready(" ".join(f"{k}={v}" for k, v in self.addresses.items()))
+            self.notifier.ready(self._address_text())
 
     async def _flush_loop(self) -> None:
         """Flush at every multiple of the interval, from a fixed origin."""
@@ -309,6 +344,10 @@ class Daemon:
     def stop(self) -> None:
         self._stop.set()
 
+    def _address_text(self) -> str:
+        """``udp=127.0.0.1:8125 tcp=...``: the ready line and systemd's status."""
+        return " ".join(f"{k}={v}" for k, v in self.addresses.items())
+
     async def run(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
         config = self.config
@@ -321,6 +360,7 @@ class Daemon:
             unix=config.unix,
             unix_stream=config.unix_stream,
             sink=self.ingest,
+            datagram_sink=self.ingest_datagrams,
             stats=self.listener_stats,
             receive_buffer=config.udp_receive_buffer,
             max_line=config.max_line_length,
@@ -335,13 +375,14 @@ class Daemon:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.stop)
             loop.add_signal_handler(signal.SIGHUP, self.reload)
+            quiet_gc()
             log.info(
                 "statsd-aggregator ready %s db=%s flush_interval=%ss",
-                " ".join(f"{k}={v}" for k, v in self.addresses.items()),
+                self._address_text(),
                 config.storage_path,
                 self.interval,
             )
-            self.notifier.ready(" ".join(f"{k}={v}" for k, v in self.addresses.items()))
+            self.notifier.ready(self._address_text())
             flusher = asyncio.create_task(self._flush_loop())
             watchdog = asyncio.create_task(self._watchdog_loop())
             await self._stop.wait()

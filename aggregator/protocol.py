@@ -29,6 +29,7 @@ Decisions for the cases the documents leave open (README "Wire protocol"):
 
 from __future__ import annotations
 
+import re
 import string
 import unicodedata
 from typing import Final
@@ -71,12 +72,15 @@ _NUMBER_CHARS: Final = "0123456789.eE+-"
 _CLEAN_ASCII: Final = string.ascii_letters + string.digits + "_-."
 
 # Characters that open a tag dialect inside the metric name.
-_DIALECT_CHARS: Final = ",;#[]"
+_DIALECT_MARK: Final = re.compile(r"[,;#\[\]]")
 
 # The caches map wire text to its parsed form. They are bounded (cleared when
 # full) so a client sending unique names or tag sets cannot grow memory, and
-# long keys are never cached for the same reason.
-_CACHE_ENTRIES: Final = 8192
+# long keys are never cached for the same reason. The bound must hold every
+# active name of a large deployment: a cache cleared every pass over the
+# names hits almost never (at 100k series and 8k entries the name parsing was
+# 15% of the daemon's time). Full, each holds about 25 MB.
+_CACHE_ENTRIES: Final = 1 << 17
 _CACHE_KEY_CHARS: Final = 512
 
 _EVENT_PRIORITIES: Final = frozenset(("normal", "low"))
@@ -474,7 +478,7 @@ def _name_dialect(head: str) -> tuple[str, Tags] | None:
     holds a marker of another dialect, or brackets do not pair up, or a tag
     has an empty key or holds "|".
     """
-    if not any(mark in head for mark in _DIALECT_CHARS):
+    if _DIALECT_MARK.search(head) is None:
         return head, ()
     if "[" in head or "]" in head:
         start = head.find("[")

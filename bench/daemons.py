@@ -228,7 +228,15 @@ class Ours(Daemon):
                 body = self.get("/api/v1/series", params)
             except urllib.error.HTTPError as exc:
                 detail = exc.read()[:300].decode(errors="replace")
-                raise RuntimeError(f"query API on {name}: HTTP {exc.code} {detail}") from exc
+                stored = self._connection().execute(
+                    "SELECT m.id, m.name, m.type, s.id, s.metric_id FROM series s "
+                    "LEFT JOIN metrics m ON m.name = s.name WHERE s.name = ?",
+                    (name,),
+                ).fetchall()
+                raise RuntimeError(
+                    f"query API on {name}: HTTP {exc.code} {detail}; "
+                    f"in the file: (metric id, name, type, series id, its metric id) {stored}"
+                ) from exc
             out[name] = float(sum(s["value"] or 0 for s in body["series"]))
         return out
 
