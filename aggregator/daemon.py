@@ -128,7 +128,6 @@ class Daemon:
         self._readers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="reader")
         self._pending_flush: concurrent.futures.Future[None] | None = None
         self._stop = asyncio.Event()
-        self.last_rollups: list[Rollup] = []
         self.addresses: dict[str, str] = {}
         self.feed = api.FlushFeed()
         self.notifier = Notifier()
@@ -220,7 +219,6 @@ class Daemon:
             batch = Batch([w.start for w in closed], rollups, events, checks, state)
             if not self.durable.write(batch):
                 totals.flush_errors += 1  # parked in the spool: stored later, in order
-            self.last_rollups = rollups
         except Exception:
             totals.flush_errors += 1
             log.exception("flush failed")
