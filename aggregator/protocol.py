@@ -102,13 +102,15 @@ class Parser:
     parsed names and tag strings). ``parse`` never raises.
     """
 
-    __slots__ = ("_names", "_strict", "_tags", "clean_names")
+    __slots__ = ("_names", "_plans", "_strict", "_tags", "clean_names")
 
     def __init__(self, clean_names: bool = True) -> None:
         #: apply Etsy's name cleaning (CONFORMANCE: "configurable off")
         self.clean_names = clean_names
         self._names: dict[str, tuple[str, Tags] | str] = {}
         self._tags: dict[str, Tags] = {}
+        #: the text after a one-body line's values -> (type, rate, tags)
+        self._plans: dict[str, tuple[str, float, Tags]] = {}
         # Tests set this to let a parser bug surface instead of being
         # counted as a bad line (see ``parse``).
         self._strict = False
@@ -219,6 +221,14 @@ class Parser:
         if not rest:
             return BAD_NO_VALUE  # "foo:" (model: "no ':' or nothing after it")
         name, name_tags = named
+        if not name_tags:
+            # The usual line: one body, its type and fields seen before.
+            values, _, tail = rest.partition("|")
+            plan = self._plans.get(tail)
+            if plan is not None:
+                if not values:
+                    return BAD_NO_VALUE
+                return _samples(name, plan[0], plan[2], values, plan[1], None, [])
 
         tag_cache = self._tags
         segments = rest.split("|")
@@ -226,6 +236,7 @@ class Parser:
         values = segments[0]
         found: list[Sample] = []
         index = 1  # the type segment of the current body
+        first_body = True
         while True:
             if index >= count:
                 return BAD_NO_TYPE
@@ -265,31 +276,28 @@ class Parser:
                 # "unknown fields are ignored".
             if not values:
                 return BAD_NO_VALUE
-            if type_code == SET:
-                # A set member is a string and may hold ":" (CONFORMANCE: u:a:b|s).
-                found.append(_new_sample(Sample, (name, SET, tags, values, 1.0, timestamp, False)))
-            else:
-                gauge = type_code == GAUGE
-                if gauge:
-                    rate = 1.0  # CONFORMANCE: "sample rate ignored for gauges and sets"
-                for text in values.split(":"):
-                    # Inlined _number(): this loop runs once per value.
-                    if text.strip(_NUMBER_CHARS):
-                        return BAD_VALUE
-                    try:
-                        value = float(text)
-                    except ValueError:
-                        return BAD_VALUE
-                    if value - value != 0.0:
-                        return BAD_VALUE
-                    # Etsy: a leading sign makes a gauge value a delta.
-                    delta = gauge and text[0] in "+-"
-                    found.append(
-                        _new_sample(Sample, (name, type_code, tags, value, rate, timestamp, delta))
-                    )
+            result = _samples(name, type_code, tags, values, rate, timestamp, found)
+            if isinstance(result, str):
+                return result
             if not more:
-                return found
+                if first_body and timestamp is None and not name_tags:
+                    self._remember_plan(rest, type_code, rate, tags)
+                return result
+            first_body = False
             values = next_values
+
+    def _remember_plan(self, rest: str, type_code: str, rate: float, tags: Tags) -> None:
+        """Cache what a one-body line's type and fields mean, by their text.
+
+        Only for a line whose samples depend on nothing but its values and
+        that text: one body, no timestamp, no name dialect tags. The next
+        line with the same text after its values skips the field parsing.
+        """
+        tail = rest.partition("|")[2]
+        if len(tail) <= _CACHE_KEY_CHARS:
+            if len(self._plans) >= _CACHE_ENTRIES:
+                self._plans.clear()
+            self._plans[tail] = (type_code, rate, tags)
 
     def _name(self, head: str) -> tuple[str, Tags] | str:
         """Split the name from its dialect tags and clean it; cache the result."""
@@ -412,6 +420,39 @@ class Parser:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _samples(
+    name: str,
+    type_code: str,
+    tags: Tags,
+    values: str,
+    rate: float,
+    timestamp: int | None,
+    found: list[Sample],
+) -> list[Sample] | str:
+    """Append the samples of one body's values to ``found``; or the bad reason."""
+    if type_code == SET:
+        # A set member is a string and may hold ":" (CONFORMANCE: u:a:b|s).
+        found.append(_new_sample(Sample, (name, SET, tags, values, 1.0, timestamp, False)))
+        return found
+    gauge = type_code == GAUGE
+    if gauge:
+        rate = 1.0  # CONFORMANCE: "sample rate ignored for gauges and sets"
+    for text in values.split(":"):
+        # Inlined _number(): this loop runs once per value.
+        if text.strip(_NUMBER_CHARS):
+            return BAD_VALUE
+        try:
+            value = float(text)
+        except ValueError:
+            return BAD_VALUE
+        if value - value != 0.0:
+            return BAD_VALUE
+        # Etsy: a leading sign makes a gauge value a delta.
+        delta = gauge and text[0] in "+-"
+        found.append(_new_sample(Sample, (name, type_code, tags, value, rate, timestamp, delta)))
+    return found
 
 
 def _number(text: str) -> float | None:

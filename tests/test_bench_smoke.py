@@ -46,3 +46,25 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert results["args"]["smoke"] is True
     assert results["flush"], "no flush figures"
     assert [q["status"] for q in results["query"]] == [200] * len(results["query"])
+
+
+def test_the_hot_path_timings_run(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/micro.py",
+            "--workloads",
+            "a",
+            "--series",
+            "2000",
+            "--rounds",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "intake (a)" in done.stdout
+    assert "the window that completes a minute" in done.stdout

@@ -195,6 +195,7 @@ def test_name_and_tag_caches_are_bounded() -> None:
         assert len(parser.parse(batch.encode()).samples) == 1000
     assert 0 < len(parser._names) <= entries
     assert 0 < len(parser._tags) <= entries
+    assert 0 < len(parser._plans) <= entries
 
 
 def test_long_names_and_tags_are_not_cached() -> None:
@@ -205,6 +206,29 @@ def test_long_names_and_tags_are_not_cached() -> None:
     assert result.samples == [Sample(name, COUNTER, (("t", "v" * protocol._CACHE_KEY_CHARS),), 1.0)]
     assert parser._names == {}
     assert parser._tags == {}
+    assert parser._plans == {}
+
+
+#: runs of lines whose text after the values repeats: a warm parser (which
+#: reuses what that text meant) must read each line as a fresh parser does
+PLAN_SEQUENCES = {
+    "same-tail-new-values": ["a:1|c|#env:x", "a:2:3|c|#env:x", "a:|c|#env:x", "a:x|c|#env:x"],
+    "same-tail-other-names": ["a:1|ms|@0.5|#k:v", "b:2|ms|@0.5|#k:v", "b,t=1:3|ms|@0.5|#k:v"],
+    "name-tags-then-plain": ["a;t=1:1|c|#k:v", "a:1|c|#k:v", "a;t=2:1|c|#k:v"],
+    "multi-body-then-one": ["a:1|c:2|ms", "a:1|c", "a:1|c|@0.5:2|ms", "a:2|c|@0.5"],
+    "timestamps": ["a:1|c|T1700000000", "a:1|c|T1700000000", "a:1|c|T1700000009"],
+    "gauge-deltas-and-sets": ["g:+1|g|#k:v", "g:-2|g|#k:v", "g:3|g|#k:v", "s:a:b|s", "s:c|s"],
+    "rates-on-gauges-and-sets": ["g:1|g|@0.5", "g:2|g|@0.5", "s:x|s|@0.1", "s:y|s|@0.1"],
+    "container-field": ["a:1|c|c:abc", "a:2|c|c:abc", "a:3|c|#c:d|c:abc"],
+}
+
+
+@pytest.mark.parametrize("lines", PLAN_SEQUENCES.values(), ids=PLAN_SEQUENCES.keys())
+def test_warm_parser_reads_each_line_as_a_fresh_one(lines: list[str]) -> None:
+    warm = strict_parser()
+    for _ in range(2):
+        for line in lines:
+            assert warm.parse(line.encode()) == strict_parser().parse(line.encode()), line
 
 
 def test_cached_bad_name_stays_bad() -> None:

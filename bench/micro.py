@@ -1,0 +1,157 @@
+"""In-process timings of the daemon's hot paths, without sockets or HTTP.
+
+The rate benchmark (run.py) says how much a whole daemon takes; this says
+where a change to the parser, the aggregator or the flush path moved the
+cost, in a few seconds and with less noise:
+
+- intake: ``Parser.parse`` + ``Aggregator.add`` over a workload's corpus,
+  datagrams handed over in batches as the UDP listener does (lines/s);
+- flush: for N active series (the workload-(d) mix, SAMPLES values each per
+  window), ``aggregate.snapshot`` and ``Storage.write`` of a first window
+  (which creates the series), of the windows after it, and of the window
+  that completes a minute (whose write also compacts the 1-minute tier).
+
+    .venv/bin/python bench/micro.py                  # intake a,b,d,e; flush 100k
+    .venv/bin/python bench/micro.py --series 10000 --sections flush
+
+Run it pinned to one core on a quiet machine (``taskset -c 0``); each figure
+is the best of ``--rounds`` (the least disturbed). The garbage collector is
+set up as the daemon sets it up (``daemon.quiet_gc``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import workloads  # noqa: E402
+
+from aggregator.aggregate import Aggregator, snapshot  # noqa: E402
+from aggregator.daemon import quiet_gc  # noqa: E402
+from aggregator.limits import Limits  # noqa: E402
+from aggregator.model import Sample  # noqa: E402
+from aggregator.protocol import Parser  # noqa: E402
+from aggregator.storage import Storage, Tier  # noqa: E402
+
+PERCENTILES = (90.0, 95.0, 99.0)
+INTERVAL = 5
+#: datagrams per listener batch (listeners.READ_BATCH reads up to 256)
+BATCH = 64
+
+
+def read_corpus(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    datagrams = []
+    at = 0
+    while at < len(data):
+        (size,) = struct.unpack_from("<I", data, at)
+        datagrams.append(data[at + 4 : at + 4 + size])
+        at += 4 + size
+    return datagrams
+
+
+def intake(key: str, rounds: int) -> None:
+    corpus = workloads.build(workloads.WORKLOADS[key], HERE / "build")
+    datagrams = read_corpus(corpus.path)
+    batches = [
+        b"\n".join(datagrams[i : i + BATCH]) for i in range(0, len(datagrams), BATCH)
+    ]
+    parser = Parser()
+    aggregator = Aggregator(INTERVAL, PERCENTILES, limits=Limits(max_series=10**7))
+    # one pass first: series creation and cold caches are not the steady state
+    for text in batches:
+        aggregator.add(parser.parse(text).samples)
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for text in batches:
+            aggregator.add(parser.parse(text).samples)
+        best = min(best, time.perf_counter() - started)
+    rate = corpus.lines / best
+    print(
+        f"intake ({key}) {corpus.workload.title}: {rate:,.0f} lines/s, "
+        f"{best / corpus.lines * 1e6:.2f} us/line (best of {rounds})"
+    )
+
+
+def window_samples(series: int, per_series: int, seed: int = 1) -> list[Sample]:
+    rng = random.Random(seed)
+    samples = []
+    for i in range(series):
+        kind = workloads.kind_of(i)
+        name = workloads.series_name(i)
+        for _ in range(per_series):
+            member = f"u{rng.randint(1, 50)}"
+            value: float | str = member if kind == "s" else float(rng.randint(1, 9))
+            samples.append(Sample(name, kind, (), value))
+    return samples
+
+
+def flush(series: int, per_series: int, rounds: int) -> None:
+    samples = window_samples(series, per_series)
+    with tempfile.TemporaryDirectory() as folder:
+        storage = Storage(
+            os.path.join(folder, "metrics.db"),
+            [Tier(INTERVAL, 86400), Tier(60, 30 * 86400), Tier(3600, 2 * 365 * 86400)],
+        )
+        aggregator = Aggregator(INTERVAL, PERCENTILES, limits=Limits(max_series=10**7))
+        # the windows of one minute, ending two minutes ago: the last one's
+        # write compacts that minute
+        start = int(time.time()) // 60 * 60 - 120
+        first = minute = (0.0, 0.0)
+        steady_runs: list[tuple[float, float]] = []
+        for n in range(60 // INTERVAL):
+            aggregator.open(start + n * INTERVAL)
+            aggregator.add(samples)
+            (closed,) = aggregator.swap(start + (n + 1) * INTERVAL)
+            t0 = time.perf_counter()
+            rollups = snapshot(closed, PERCENTILES)
+            t1 = time.perf_counter()
+            storage.write(rollups)
+            t2 = time.perf_counter()
+            if n == 0:
+                first = (t1 - t0, t2 - t1)
+            elif n == 60 // INTERVAL - 1:
+                minute = (t1 - t0, t2 - t1)
+            else:
+                steady_runs.append((t1 - t0, t2 - t1))
+        storage.close()
+    steady = min(steady_runs, key=sum)
+    print(f"flush of {series:,} series, {per_series} values each per {INTERVAL} s window:")
+    for label, (made, written) in (
+        ("first window (creates the series)", first),
+        (f"later windows (best of {min(rounds, len(steady_runs))})", steady),
+        ("the window that completes a minute (+ compaction)", minute),
+    ):
+        print(f"  {label}: snapshot {made:.3f} s + write {written:.3f} s = {made + written:.3f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default="intake,flush")
+    parser.add_argument("--workloads", default="a,b,d,e", help="intake corpora")
+    parser.add_argument("--series", type=int, default=100_000, help="flush: active series")
+    parser.add_argument("--samples", type=int, default=3, help="flush: values per series")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    quiet_gc()
+    sections = args.sections.split(",")
+    if "intake" in sections:
+        for key in args.workloads.split(","):
+            intake(key, args.rounds)
+    if "flush" in sections:
+        flush(args.series, args.samples, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
