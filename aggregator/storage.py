@@ -563,7 +563,16 @@ class Storage:
             conn.execute("BEGIN")
             try:
                 yield conn
-            finally:
+            except BaseException:
+                # A cursor left mid-way by the error stays alive with its
+                # traceback, and an unfinished statement pins the snapshot
+                # of its connection past COMMIT: later queries here would
+                # read old data (a metric created since would be "not
+                # found"). Give the connection up; the next query opens one.
+                reader.conn = None
+                conn.close()
+                raise
+            else:
                 conn.execute("COMMIT")
 
     def load_state(self) -> dict[str, bytes]:

@@ -1032,3 +1032,22 @@ def test_checks_keep_the_latest_status(open_storage: Callable[..., Storage]) -> 
         },
     ]
     assert [c["name"] for c in storage.checks([("service", "web")])] == ["db.up"]
+
+
+def test_a_read_that_fails_mid_cursor_does_not_pin_old_data(
+    open_storage: Callable[..., Storage],
+) -> None:
+    """An unfinished statement keeps its connection's snapshot past COMMIT; a
+    read that fails while one is alive (its traceback holds the cursor) must
+    not leave later queries of that thread reading the old data."""
+    storage = open_storage()
+    storage.write([counter("early.a", T0, 1.0), counter("early.b", T0, 2.0)])
+    kept: list[sqlite3.Cursor] = []
+    with pytest.raises(RuntimeError), storage._snapshot() as conn:
+        cursor = conn.execute("SELECT name FROM metrics")
+        cursor.fetchone()  # one of two rows: the statement is still running
+        kept.append(cursor)
+        raise RuntimeError("a query failing half-way through")
+    storage.write([counter("late", T0 + 10, 3.0)])
+    assert query(storage, "late", stat="sum")["series"][0]["value"] == 3.0
+    assert kept  # the cursor is still alive, as a traceback would keep it
