@@ -136,6 +136,34 @@ def _pack_weights(buckets: dict[int, float]) -> dict[int, int | float]:
     return {index: _pack_weight(weight) for index, weight in buckets.items()}
 
 
+def _fill_buckets(
+    items: Iterable[tuple[float, Any]],
+    positive: dict[int, Any],
+    negative: dict[int, Any],
+    nothing: float,
+) -> Any:
+    """Add (value, weight) pairs to the bucket maps; return the weight of the zeros.
+
+    Sums start at ``nothing``: 0 keeps integer counts integers (``sketch_bytes``
+    packs them as they are), 0.0 makes every weight a float (a Sketch's).
+    Runs once per distinct value of every timer series at flush: locals only.
+    """
+    zero = nothing
+    log = math.log
+    ceil = math.ceil
+    inv_log_gamma = _INV_LOG_GAMMA
+    for value, weight in items:
+        if value > 0.0:
+            index = ceil(log(value) * inv_log_gamma)
+            positive[index] = positive.get(index, nothing) + weight
+        elif value < 0.0:
+            index = ceil(log(-value) * inv_log_gamma)
+            negative[index] = negative.get(index, nothing) + weight
+        else:
+            zero += weight
+    return zero
+
+
 def sketch_bytes(values: Sequence[float], low: float, high: float) -> bytes:
     """``Sketch.from_values(values).to_bytes()``, byte for byte, for values of weight 1.
 
@@ -147,22 +175,10 @@ def sketch_bytes(values: Sequence[float], low: float, high: float) -> bytes:
     """
     positive: dict[int, int] = {}
     negative: dict[int, int] = {}
-    zero = 0
-    log = math.log
-    ceil = math.ceil
-    inv_log_gamma = _INV_LOG_GAMMA
     items: Iterable[tuple[float, int]] = (
         Counter(values).items() if len(values) > 16 else ((v, 1) for v in values)
     )
-    for value, weight in items:
-        if value > 0.0:
-            index = ceil(log(value) * inv_log_gamma)
-            positive[index] = positive.get(index, 0) + weight
-        elif value < 0.0:
-            index = ceil(log(-value) * inv_log_gamma)
-            negative[index] = negative.get(index, 0) + weight
-        else:
-            zero += weight
+    zero = _fill_buckets(items, positive, negative, 0)
     if len(positive) > MAX_BUCKETS or len(negative) > MAX_BUCKETS:
         return Sketch.from_values(values).to_bytes()
     packed: bytes = msgpack.packb(
@@ -217,21 +233,7 @@ class Sketch:
             folded = summed
         if min(folded.values()) <= 0.0:
             raise ValueError("weights must be positive")
-        positive = sketch.positive
-        negative = sketch.negative
-        # locals: this loop runs once per distinct value of every series at flush
-        log = math.log
-        ceil = math.ceil
-        inv_log_gamma = _INV_LOG_GAMMA
-        for value, weight in folded.items():
-            if value > 0.0:
-                index = ceil(log(value) * inv_log_gamma)
-                positive[index] = positive.get(index, 0.0) + weight
-            elif value < 0.0:
-                index = ceil(log(-value) * inv_log_gamma)
-                negative[index] = negative.get(index, 0.0) + weight
-            else:
-                sketch.zero += weight
+        sketch.zero = _fill_buckets(folded.items(), sketch.positive, sketch.negative, 0.0)
         sketch.min = min(folded)
         sketch.max = max(folded)
         sketch.count = float(math.fsum(folded.values()))
