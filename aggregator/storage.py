@@ -1082,7 +1082,7 @@ class _Writer:
         series_rows: list[tuple[Any, ...]] = []
         tag_rows: list[tuple[int, str, str]] = []
         for name, type_code, raw in keys:
-            tags = canonical_tags(raw)
+            tags = canonical_tags(raw) if raw else raw
             ids = self.series.get((name, type_code, tags))
             if ids is None:
                 metric = self.metrics.get((name, type_code))
@@ -1092,7 +1092,8 @@ class _Writer:
                 series_id = self.next_series_id
                 self.next_series_id += 1
                 series_rows.append((series_id, metric.id, name, type_code, tags_json(tags), ts, ts))
-                tag_rows.extend((series_id, k, v) for k, v in tags)
+                if tags:
+                    tag_rows.extend((series_id, k, v) for k, v in tags)
                 if self._count_series(metric) and metric.id < first_new_metric:
                     totals_moved.append(metric)
                 ids = (series_id, metric.id)
