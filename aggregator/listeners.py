@@ -2,9 +2,9 @@
 
 Listeners only frame bytes: datagrams are handed over whole (those read in
 one wakeup together, as a list); a stream is cut after its last newline and
-the complete lines are handed over. They do
-not parse. A stream line longer than the limit is counted as a bad line and
-its connection closed; other connections are unaffected.
+the complete lines are handed over. They do not parse. A stream line longer
+than the limit is counted as a bad line and its connection closed; other
+connections are unaffected.
 
 Limits (limits.Limits, shared and updated in place on SIGHUP): a datagram
 larger than ``max_datagram_size`` is dropped and counted; past
