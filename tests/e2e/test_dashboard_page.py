@@ -110,14 +110,22 @@ def dashboard(daemon: Daemon) -> dict[str, Any]:
 
 
 def wait_dashboard(daemon: Daemon, views: int) -> dict[str, Any]:
+    seen: list[Any] = []
+
     def ready() -> dict[str, Any] | None:
         document = dashboard(daemon)
+        seen[:] = [document["workbookViews"]]
         return document if document["workbookViews"] == views else None
 
     try:
         return wait_for(ready, 15, f"workbookViews == {views} in the API")
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\ndaemon log:\n{''.join(daemon.log)}") from None
+        health = daemon.get("/healthz")
+        raise AssertionError(
+            f"{exc}\nlast workbookViews: {seen}; lines received: {health['lines_received']}, "
+            f"bad: {health['bad_lines']}, dropped: {health['dropped_samples']}"
+            f"\ndaemon log:\n{''.join(daemon.log)}"
+        ) from None
 
 
 def cards(page: Page) -> dict[str, dict[str, Any]]:
