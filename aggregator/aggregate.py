@@ -48,7 +48,14 @@ from .limits import TIMESTAMP_OUT_OF_RANGE, Budget, Drops, Limits
 from .model import COUNTER, DISTRIBUTION_TYPES, GAUGE, SET, Rollup, Sample, SeriesKey
 from .sketch import RANK_EPSILON, SetState, Sketch, sketch_bytes
 
-__all__ = ["Aggregator", "ClosedWindow", "exact_quantiles", "snapshot"]
+__all__ = [
+    "Aggregator",
+    "ClosedWindow",
+    "WorkerAggregator",
+    "exact_quantiles",
+    "merge_worker_windows",
+    "snapshot",
+]
 
 
 class _Window:
@@ -134,6 +141,9 @@ class Aggregator:
         self._timestamped: dict[int, _Window] = {}
         #: the current value of every gauge ever set (SPEC 4: gauges persist)
         self._gauges: dict[SeriesKey, float] = {}
+        #: the limits as the last swap left them: the ingest workers' windows
+        #: are merged under them (merge_worker_windows)
+        self.spent = Budget(self.limits, self.drops)
 
     def open(self, start: int) -> None:
         """Set the start of the open window (the flush loop calls it once at startup)."""
@@ -158,6 +168,13 @@ class Aggregator:
         """Load gauge values saved by a previous run; later samples override them."""
         self._gauges.update(gauges)
         self._budget.count_gauges([name for name, _, _ in self._gauges])
+
+    def carry_gauges(self, gauges: dict[SeriesKey, float]) -> None:
+        """Persist gauge values that ingest workers moved (merge_worker_windows)."""
+        new = any(key not in self._gauges for key in gauges)
+        self._gauges.update(gauges)
+        if new:
+            self._budget.count_gauges([name for name, _, _ in self._gauges])
 
     def add(self, samples: Iterable[Sample], limited: bool = True) -> None:
         """Fold samples into their windows.  The hot path: keep it lean.
@@ -305,8 +322,182 @@ class Aggregator:
             closed.append(ClosedWindow._of(self._timestamped[start], None))
         self._open = _Window(next_start)
         self._timestamped = {}
+        self.spent = self._budget.copy()
         self._budget.reset()
         return closed
+
+
+class WorkerAggregator(Aggregator):
+    """The window of an ingest worker (worker.py), merged into the daemon's at flush.
+
+    Counters, timers and sets are kept exactly as the daemon keeps them. A
+    gauge cannot be: its value carries across windows and a delta moves it,
+    and only the daemon holds that value. So a worker keeps, per gauge of
+    the open window, ``[at, value, low, high]``: ``at`` is the arrival time
+    (``now``, set per socket read) of the window's last absolute value and
+    ``value`` that value plus the deltas after it; for a window of deltas
+    only, ``at`` is -1.0, ``value`` their sum and low/high the extremes of
+    the running sum. :func:`merge_worker_windows` applies them.
+    """
+
+    def __init__(
+        self,
+        interval: int,
+        gauge_deltas: bool = True,
+        limits: Limits | None = None,
+        drops: Drops | None = None,
+    ) -> None:
+        super().__init__(interval, (), gauge_deltas, limits, drops)
+        #: arrival time of the samples being added (time.monotonic(), per read)
+        self.now = 0.0
+
+    def _add_gauge(self, key: SeriesKey, value: float, delta: bool, admit: Any = None) -> None:
+        gauges = self._open.gauges
+        entry = gauges.get(key)
+        if entry is None and admit is not None and not admit(key[0], key[2], 0):
+            return
+        if delta and self.gauge_deltas:
+            if entry is None:
+                gauges[key] = [-1.0, value, min(0.0, value), max(0.0, value)]
+                return
+            value += entry[1]
+        elif entry is None or entry[0] < 0.0:
+            # the first absolute value: the deltas before it no longer matter
+            gauges[key] = [self.now, value, value, value]
+            return
+        else:
+            entry[0] = self.now
+        entry[1] = value
+        if value < entry[2]:
+            entry[2] = value
+        elif value > entry[3]:
+            entry[3] = value
+
+
+def merge_worker_windows(
+    closed: list[ClosedWindow], parts: Sequence[ClosedWindow], admit: Any = None
+) -> dict[SeriesKey, float]:
+    """Fold the windows that ingest workers swapped out into the daemon's ``closed``.
+
+    ``closed`` is what the daemon's own :meth:`Aggregator.swap` returned (the
+    open window first) and is changed in place; ``parts`` are the workers'
+    windows, each worker's open one with ``persisted`` == {}. ``admit``
+    (``Aggregator.spent.admit``: the limits, counted on from the daemon's own
+    windows) is asked for every series new to the flush.
+    Returns the gauges whose value the workers moved, to persist.
+
+    Counters add up, timer values and their weights are appended, set
+    members joined. Gauges (see :class:`WorkerAggregator`): the latest
+    absolute value by arrival wins, then every delta the other workers saw
+    is added; with no absolute value, all the deltas add to the value the
+    daemon holds. The order of a delta and an absolute value that two
+    workers read in the same window is not known; this takes the delta as
+    the later.
+    """
+    by_start = {w.start: w for w in closed if w.timestamped}
+    opened = closed[0]
+    reports: dict[SeriesKey, list[list[float]]] = {}
+    for part in parts:
+        if part.persisted is not None and part.start == opened.start:
+            target = opened
+            for key, entry in part.gauges.items():
+                reports.setdefault(key, []).append(entry)
+        else:
+            found = by_start.get(part.start)
+            if found is None:
+                found = by_start[part.start] = ClosedWindow(part.start, {}, {}, {}, {}, {}, None)
+                closed.append(found)
+            target = found
+            _merge_window_gauges(target, part)
+        _merge_series(target, part, admit, len(opened.persisted or ()))
+    moved = _resolve_gauges(opened, reports, admit)
+    closed[1:] = sorted(closed[1:], key=lambda w: w.start)
+    return moved
+
+
+def _merge_series(target: ClosedWindow, part: ClosedWindow, admit: Any, persisted: int) -> None:
+    """Counters, timers and sets of a worker's window into the daemon's."""
+    counters = target.counters
+    for key, acc in part.counters.items():
+        mine = counters.get(key)
+        if mine is not None:
+            mine[0] += acc[0]
+            mine[1] += acc[1]
+        elif admit is None or admit(key[0], key[2], persisted):
+            counters[key] = acc
+    timers, weights = target.timers, target.weights
+    for key, values in part.timers.items():
+        mine = timers.get(key)
+        theirs = part.weights.get(key)
+        if mine is None:
+            if admit is None or admit(key[0], key[2], persisted):
+                timers[key] = values
+                if theirs is not None:
+                    weights[key] = theirs
+            continue
+        ours = weights.get(key)
+        if ours is not None or theirs is not None:
+            column = list(ours or ())
+            column.extend([1.0] * (len(mine) - len(column)))
+            column.extend(theirs or ())
+            weights[key] = column
+        mine.extend(values)
+    sets = target.sets
+    for key, members in part.sets.items():
+        mine_set = sets.get(key)
+        if mine_set is not None:
+            mine_set |= members
+        elif admit is None or admit(key[0], key[2], persisted):
+            sets[key] = members
+
+
+def _merge_window_gauges(target: ClosedWindow, part: ClosedWindow) -> None:
+    """Gauges of a worker's ``|T`` window (``[last, min, max]``, as the daemon keeps them)."""
+    gauges = target.gauges
+    for key, entry in part.gauges.items():
+        # [last, min, max]; a worker's open window adds its arrival time in front
+        last, low, high = entry[-3:]
+        mine = gauges.get(key)
+        if mine is None:
+            gauges[key] = [last, low, high]
+        else:
+            gauges[key] = [last, min(mine[1], low), max(mine[2], high)]
+
+
+def _resolve_gauges(
+    opened: ClosedWindow, reports: dict[SeriesKey, list[list[float]]], admit: Any
+) -> dict[SeriesKey, float]:
+    """Apply the workers' gauge reports to the open window (see merge_worker_windows)."""
+    persisted = opened.persisted
+    assert persisted is not None
+    gauges = opened.gauges
+    moved: dict[SeriesKey, float] = {}
+    for key, entries in reports.items():
+        base = persisted.get(key)
+        if base is None and admit is not None and not admit(key[0], key[2], len(persisted), True):
+            continue
+        deltas = math.fsum(e[1] for e in entries if e[0] < 0.0)
+        absolute = [e for e in entries if e[0] >= 0.0]
+        if absolute:
+            latest = max(absolute, key=lambda e: e[0])
+            value = latest[1] + deltas
+            lows = [e[2] for e in absolute]
+            highs = [e[3] for e in absolute]
+        else:
+            start = base if base is not None else 0.0
+            value = start + deltas
+            lows = [start + e[2] for e in entries]
+            highs = [start + e[3] for e in entries]
+        stats = gauges.get(key)
+        if stats is not None:
+            lows.append(stats[1])
+            highs.append(stats[2])
+        elif base is not None:
+            lows.append(base)  # held from the window start until the first change
+            highs.append(base)
+        gauges[key] = [value, min(value, *lows), max(value, *highs)]
+        persisted[key] = moved[key] = value
+    return moved
 
 
 def _has(window: _Window, key: SeriesKey) -> bool:

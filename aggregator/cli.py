@@ -117,7 +117,7 @@ def _run(config: Config, reload: Callable[[], Config] | None = None) -> int:
     except OSError as exc:
         print(f"statsd-aggregator: cannot start: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return daemon.exit_status
 
 
 def _event_loop_runner(daemon: Any) -> None:

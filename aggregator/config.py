@@ -82,6 +82,7 @@ class Config:
     source: str  # the file it came from, or "built-in defaults"
     # Operations (README "Operations"): socket file mode and the [limits].
     unix_mode: int = 0o660
+    workers: int = 0  # ingest processes reading the datagram sockets (worker.py)
     max_series: int = DEFAULT_LIMITS.max_series
     max_series_per_metric: int = DEFAULT_LIMITS.max_series_per_metric
     max_tags: int = DEFAULT_LIMITS.max_tags
@@ -173,6 +174,16 @@ def _bool(value: Any) -> bool:
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError("must be a whole number greater than 0")
+    return value
+
+
+#: more ingest workers than this is a typo, not a machine
+MAX_WORKERS = 64
+
+
+def _worker_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_WORKERS:
+        raise ValueError(f"must be a whole number from 0 to {MAX_WORKERS}")
     return value
 
 
@@ -270,6 +281,14 @@ SETTINGS: tuple[Setting, ...] = (
         "0660",
         "permissions of the unix socket files (octal): owner and group may send, others not",
         _file_mode,
+    ),
+    Setting(
+        "listen",
+        "workers",
+        0,
+        "processes that read the UDP and unix datagram sockets, each with its own window, "
+        "merged at flush (0: the daemon reads them itself)",
+        _worker_count,
     ),
     Setting(
         "aggregation",
@@ -483,6 +502,7 @@ _FIELD = {
     "listen.udp_receive_buffer": "udp_receive_buffer",
     "listen.max_line_length": "max_line_length",
     "listen.unix_mode": "unix_mode",
+    "listen.workers": "workers",
     "limits.max_series": "max_series",
     "limits.max_series_per_metric": "max_series_per_metric",
     "limits.max_tags": "max_tags",
@@ -628,8 +648,24 @@ def _check_relay(values: dict[str, Any], source: str) -> None:
         )
 
 
+def _check_workers(values: dict[str, Any], source: str) -> None:
+    if not values["workers"]:
+        return
+    if values["relay_enabled"]:
+        raise ConfigError(
+            f"{source}: listen.workers cannot be used with [forward.relay]: the relay "
+            "forwards the datagrams the daemon reads itself; set workers = 0"
+        )
+    if not values["udp"] and not values["unix"]:
+        raise ConfigError(
+            f"{source}: listen.workers reads the datagram sockets, but neither "
+            "listen.udp nor listen.unix is set"
+        )
+
+
 def _check_together(values: dict[str, Any], source: str) -> None:
     _check_relay(values, source)
+    _check_workers(values, source)
     interval = values["flush_interval"]
     for tier in values["downsample"]:
         if tier.resolution % interval:

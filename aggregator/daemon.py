@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import gc
 import logging
 import signal
 import sqlite3
@@ -28,16 +27,18 @@ import msgpack
 from aiohttp import web
 
 from . import api, listeners, operations
-from .aggregate import Aggregator, ClosedWindow, snapshot
+from .aggregate import Aggregator, ClosedWindow, merge_worker_windows, snapshot
 from .config import Config, ConfigError, split_address
-from .limits import Drops
+from .intake import Intake, quiet_gc
+from .limits import Budget, Drops
 from .model import Event, Rollup, SeriesKey, ServiceCheck
 from .notify import Notifier
 from .outputs import Outputs
 from .protocol import Parser
-from .selfstats import IngestStats, SelfStats
+from .selfstats import SelfStats
 from .spool import Batch, DurableWriter, Spool, TolerantStorage, spool_path, sqlite_store
 from .storage import MAX_AUTO_POINTS
+from .worker import Report, Settings, WorkerGone, Workers
 
 log = logging.getLogger("statsd_aggregator")
 
@@ -47,8 +48,6 @@ Clock = Callable[[], float]
 SHUTDOWN_STEP_SECONDS = 30.0
 #: longest HTTP request line (bytes); a longer one gets aiohttp's plain 400
 MAX_REQUEST_LINE = 65536
-#: allocations between two runs of the cycle collector's first generation
-GC_THRESHOLD = 50_000
 #: carbon and the relay get this long to take what is still queued at stop
 FORWARD_CLOSE_SECONDS = 10.0
 
@@ -66,21 +65,6 @@ def decode_gauges(blob: bytes) -> dict[SeriesKey, float]:
     rows = msgpack.unpackb(blob)
     return {(n, t, tuple((k, v) for k, v in tags)): float(v) for n, t, tags, v in rows}
 
-
-def quiet_gc() -> None:
-    """Keep the cycle collector off the hot paths.
-
-    A window of 100k series holds several hundred thousand tracked objects
-    (the per-series lists), and the caches of the parser and the writer hold
-    more. With CPython's default thresholds the collector runs every 700 net
-    allocations and, every hundred runs, walks the whole heap: that was a
-    large share of a 100k-series flush. Everything alive at start (imports,
-    restored caches) is frozen out of the walk, and the first generation is
-    collected every GC_THRESHOLD allocations instead. The daemon makes few
-    reference cycles, so the collector still runs, only less often.
-    """
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD, 20, 10)
 
 
 class Daemon:
@@ -104,7 +88,8 @@ class Daemon:
             limits=self.limits,
             drops=self.drops,
         )
-        self.ingest_stats = IngestStats()
+        self.intake = Intake(self.parser, self.aggregator, clock)
+        self.ingest_stats = self.intake.stats
         self.listener_stats = listeners.ListenerStats()
         self.selfstats = SelfStats(self.ingest_stats, self.listener_stats)
         Path(config.storage_path).parent.mkdir(parents=True, exist_ok=True)
@@ -121,8 +106,10 @@ class Daemon:
         self.ops = operations.OpsStats(self.drops, self.listener_stats, self.durable)
         self.live = api.LiveConfig(config)
         self.reload_config = reload
-        self._events: list[tuple[Event, int]] = []
-        self._checks: list[tuple[ServiceCheck, int]] = []
+        #: the ingest worker processes (listen.workers), once started
+        self.workers: Workers | None = None
+        #: the process's exit status: 1 after an ingest worker died
+        self.exit_status = 0
         # One writer thread owns every write to SQLite; reads use their own pool.
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="writer")
         self._readers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="reader")
@@ -142,46 +129,58 @@ class Daemon:
         relay = self.outputs.relay
         if relay is not None:
             relay.send(data)
-        self._parse(data)
+        self.intake.lines(data)
 
     def ingest_datagrams(self, datagrams: list[bytes]) -> None:
         """Parse the datagrams of one socket read into the open window.
 
-        They are parsed as one text, joined by newlines: a datagram's lines
-        never run into the next one's, and the parser and the aggregator are
-        called once for the lot. The relay still gets each datagram as it came.
+        The relay still gets each datagram as it came.
         """
         relay = self.outputs.relay
         if relay is not None:
             for data in datagrams:
                 relay.send(data)
-        self._parse(datagrams[0] if len(datagrams) == 1 else b"\n".join(datagrams))
+        self.intake.datagrams(datagrams)
 
-    def _parse(self, data: bytes) -> None:
-        parsed = self.parser.parse(data)
-        stats = self.ingest_stats
-        stats.lines += parsed.lines
-        if parsed.samples:
-            stats.samples += len(parsed.samples)
-            self.aggregator.add(parsed.samples)
-        if parsed.bad:
-            bad = stats.bad
-            for reason in parsed.bad:
-                bad[reason] = bad.get(reason, 0) + 1
-        if parsed.events or parsed.checks:
-            arrival = int(self.clock())
-            stats.events += len(parsed.events)
-            stats.checks += len(parsed.checks)
-            self._events.extend((event, arrival) for event in parsed.events)
-            self._checks.extend((check, arrival) for check in parsed.checks)
+    def _worker_report(self, report: Report) -> None:
+        """Event loop: a worker's counters join the daemon's (in the next window's self metrics)."""
+        listener, ingest = self.listener_stats, self.ingest_stats
+        listener.packets += report.listener.packets
+        listener.bytes += report.listener.bytes
+        listener.too_large += report.listener.too_large
+        ingest.lines += report.ingest.lines
+        ingest.samples += report.ingest.samples
+        ingest.events += report.ingest.events
+        ingest.checks += report.ingest.checks
+        for reason, count in report.ingest.bad.items():
+            ingest.bad[reason] = ingest.bad.get(reason, 0) + count
+        for reason, count in report.drops.items():
+            self.drops.window[reason] = self.drops.window.get(reason, 0) + count
+
+    def _worker_exited(self, index: int, code: int | None) -> None:
+        """Event loop: a worker's channel closed. Outside shutdown, the daemon stops too."""
+        if self._stop.is_set():
+            return
+        log.error(
+            "ingest worker %d exited (status %s); stopping, so that the service manager "
+            "restarts the daemon",
+            index,
+            code,
+        )
+        self.exit_status = 1
+        self.stop()
 
     # ------------------------------------------------------------ flushing
 
     def window_start(self, now: float) -> int:
         return int(now // self.interval) * self.interval
 
-    def flush(self, next_start: int) -> concurrent.futures.Future[None]:
-        """Close the open window (and any |T windows), hand them to the writer."""
+    def flush(self, next_start: int, last: bool = False) -> concurrent.futures.Future[None]:
+        """Close the open window (and any |T windows), hand them to the writer.
+
+        With ingest workers, they are asked for their windows too; the writer
+        merges those in as they arrive. ``last``: the workers stop reading.
+        """
         started = self.clock()
         # The daemon's own metrics are never refused by the limits.
         self.aggregator.add(
@@ -193,10 +192,12 @@ class Daemon:
         self.aggregator.add(self.outputs.window_samples(), limited=False)
         self.aggregator.add(self.ops.window_samples(), limited=False)
         closed = self.aggregator.swap(next_start)
-        events, self._events = self._events, []
-        checks, self._checks = self._checks, []
+        events, checks = self.intake.take_events()
         gauges = self.aggregator.gauges()
-        future = self._writer.submit(self._write, closed, events, checks, gauges, started)
+        merge: tuple[list[concurrent.futures.Future[Report]], Budget] | None = None
+        if self.workers is not None:
+            merge = self.workers.swap(next_start, self.limits, last), self.aggregator.spent
+        future = self._writer.submit(self._write, closed, events, checks, gauges, started, merge)
         self._pending_flush = future
         return future
 
@@ -207,10 +208,13 @@ class Daemon:
         checks: list[tuple[ServiceCheck, int]],
         gauges: dict[SeriesKey, float],
         started: float,
+        merge: tuple[Sequence[concurrent.futures.Future[Report]], Budget] | None = None,
     ) -> None:
-        """Runs in the writer thread: snapshot, then one transaction."""
+        """Runs in the writer thread: merge the workers' windows, snapshot, one transaction."""
         totals = self.selfstats.totals
         try:
+            if merge is not None:
+                self._merge_reports(closed, events, checks, gauges, *merge)
             rollups: list[Rollup] = []
             for window in closed:
                 rollups.extend(snapshot(window, self.config.percentiles))
@@ -227,6 +231,37 @@ class Daemon:
             totals.flushes += 1
             totals.last_flush_at = self.clock()
             totals.last_flush_seconds = totals.last_flush_at - started
+
+    def _merge_reports(
+        self,
+        closed: list[ClosedWindow],
+        events: list[tuple[Event, int]],
+        checks: list[tuple[ServiceCheck, int]],
+        gauges: dict[SeriesKey, float],
+        reports: Sequence[concurrent.futures.Future[Report]],
+        budget: Budget,
+    ) -> None:
+        """Writer thread: fold each worker's windows into the flush, under its limits.
+
+        A worker that does not answer costs only its own window (logged).
+        The gauges the workers moved are handed back to the event loop, which
+        owns the persisted values.
+        """
+        parts: list[ClosedWindow] = []
+        for future in reports:
+            try:
+                report = future.result(SHUTDOWN_STEP_SECONDS)
+            except (WorkerGone, TimeoutError) as exc:
+                log.error("flush without an ingest worker's window: %s", exc)
+                continue
+            parts.extend(report.closed_windows())
+            events.extend(report.events)
+            checks.extend(report.checks)
+        moved = merge_worker_windows(closed, parts, budget.admit)
+        if moved:
+            gauges.update(moved)
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self.aggregator.carry_gauges, moved)
 
     def _stored(self, batch: Batch) -> None:
         """Writer thread: a flush (fresh or parked) reached SQLite; tell the event stream."""
@@ -284,6 +319,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         current = self.window_start(self.clock())
         self.aggregator.open(current)
+        if self.workers is not None:
+            self.workers.open(current)
         while not self._stop.is_set():
             next_start = current + self.interval
             delay = max(0.0, next_start - self.clock())
@@ -296,7 +333,7 @@ class Daemon:
             self.flush(next_start)
             current = next_start
         # Final flush of the open window: nothing accepted is lost on stop.
-        future = self.flush(current + self.interval)
+        future = self.flush(current + self.interval, last=True)
         await asyncio.wait_for(asyncio.wrap_future(future, loop=loop), SHUTDOWN_STEP_SECONDS)
 
     async def _watchdog_loop(self) -> None:
@@ -344,7 +381,10 @@ class Daemon:
 
     def _address_text(self) -> str:
         """``udp=127.0.0.1:8125 tcp=...``: the ready line and systemd's status."""
-        return " ".join(f"{k}={v}" for k, v in self.addresses.items())
+        text = " ".join(f"{k}={v}" for k, v in self.addresses.items())
+        if self.workers is not None:
+            text += f" workers={len(self.workers.pids)}"
+        return text
 
     async def run(self) -> None:
         loop = self._loop = asyncio.get_running_loop()
@@ -364,10 +404,13 @@ class Daemon:
             max_line=config.max_line_length,
             limits=self.limits,
             unix_mode=config.unix_mode,
+            hand_over_datagrams=config.workers > 0,
         )
         runner: web.AppRunner | None = None
         try:
             self.addresses = dict(bound.addresses)
+            if config.workers:
+                await self._start_workers(bound)
             if config.http:
                 runner = await self._start_http()
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -395,6 +438,8 @@ class Daemon:
                 loop.remove_signal_handler(signum)
             bound.close()
             await bound.wait_closed()
+            if self.workers is not None:
+                await self.workers.close(SHUTDOWN_STEP_SECONDS)
             if runner is not None:
                 await asyncio.wait_for(runner.cleanup(), SHUTDOWN_STEP_SECONDS)
             self._readers.shutdown(wait=True)
@@ -402,6 +447,19 @@ class Daemon:
             self._writer.shutdown(wait=True)
             self.outputs.close(FORWARD_CLOSE_SECONDS)
             log.info("stopped")
+
+    async def _start_workers(self, bound: listeners.Listeners) -> None:
+        config = self.config
+        settings = Settings(
+            sockets=[(name, sock.fileno()) for name, sock in bound.handed_over],
+            interval=self.interval,
+            gauge_deltas=config.gauge_deltas,
+            clean_names=config.clean_names,
+            limits=self.limits,
+        )
+        self.workers = await Workers.start(config.workers, settings, self._worker_report)
+        self.workers.on_exit = self._worker_exited
+        log.info("ingest workers reading the datagram sockets: pids %s", self.workers.pids)
 
     async def _start_http(self) -> web.AppRunner:
         app = api.create_app(

@@ -197,6 +197,14 @@ class Budget:
         self.created = 0
         self.per_metric = {}
 
+    def copy(self) -> Budget:
+        """The counts as they stand, to go on counting elsewhere."""
+        other = Budget(self.limits, self.drops)
+        other.created = self.created
+        other.per_metric = dict(self.per_metric)
+        other.gauges_per_metric = dict(self.gauges_per_metric)
+        return other
+
     def admit(self, name: str, tags: Tags, persisted: int, gauge: bool = False) -> bool:
         """May a new series (name, tags) enter? Counts it if so, drops the sample if not.
 

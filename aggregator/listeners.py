@@ -53,7 +53,7 @@ class ListenerStats:
     idle_closed: int = 0  # stream connections closed by limits.idle_timeout
 
 
-class _DatagramReader:
+class DatagramReader:
     """Reads a datagram socket straight from the event loop, in batches.
 
     On each wakeup it takes up to READ_BATCH datagrams with plain ``recv``
@@ -200,15 +200,19 @@ class Listeners:
     """The bound sockets; `addresses` holds the real addresses for the ready line."""
 
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
-    readers: list[_DatagramReader] = field(default_factory=list)
+    readers: list[DatagramReader] = field(default_factory=list)
     addresses: dict[str, str] = field(default_factory=dict)
     unix_paths: list[str] = field(default_factory=list)
+    #: bound datagram sockets that others read (the ingest workers), by name
+    handed_over: list[tuple[str, socket.socket]] = field(default_factory=list)
 
     def close(self) -> None:
         for server in self.servers:
             server.close()
         for reader in self.readers:
             reader.close()
+        for _, sock in self.handed_over:
+            sock.close()
 
     async def wait_closed(self) -> None:
         for server in self.servers:
@@ -307,8 +311,13 @@ async def start(
     max_line: int,
     limits: Limits | None = None,
     unix_mode: int = 0o660,
+    hand_over_datagrams: bool = False,
 ) -> Listeners:
-    """Bind every configured listener; an empty address disables one."""
+    """Bind every configured listener; an empty address disables one.
+
+    ``hand_over_datagrams``: the datagram sockets are bound but not read;
+    they are left in ``handed_over`` for the ingest workers.
+    """
     loop = asyncio.get_running_loop()
     bound = Listeners()
     limits = limits if limits is not None else Limits()
@@ -317,7 +326,10 @@ async def start(
             host, port = split_address(udp)
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = _datagram_socket(family, (host, port), receive_buffer, "UDP")
-            bound.readers.append(_DatagramReader(sock, datagram_sink, stats, "udp", limits))
+            if hand_over_datagrams:
+                bound.handed_over.append(("udp", sock))
+            else:
+                bound.readers.append(DatagramReader(sock, datagram_sink, stats, "udp", limits))
             bound.addresses["udp"] = format_address(sock.getsockname())
         if tcp:
             host, port = split_address(tcp)
@@ -334,7 +346,10 @@ async def start(
             sock = _datagram_socket(
                 socket.AF_UNIX, unix, receive_buffer, "unix datagram", unix_mode
             )
-            bound.readers.append(_DatagramReader(sock, datagram_sink, stats, "unix", limits))
+            if hand_over_datagrams:
+                bound.handed_over.append(("unix", sock))
+            else:
+                bound.readers.append(DatagramReader(sock, datagram_sink, stats, "unix", limits))
             bound.unix_paths.append(unix)
             bound.addresses["unix"] = unix
         if unix_stream:

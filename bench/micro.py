@@ -16,7 +16,7 @@ cost, in a few seconds and with less noise:
 
 Run it pinned to one core on a quiet machine (``taskset -c 0``); each figure
 is the best of ``--rounds`` (the least disturbed). The garbage collector is
-set up as the daemon sets it up (``daemon.quiet_gc``).
+set up as the daemon sets it up (``intake.quiet_gc``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 import workloads  # noqa: E402
 
 from aggregator.aggregate import Aggregator, snapshot  # noqa: E402
-from aggregator.daemon import quiet_gc  # noqa: E402
+from aggregator.intake import quiet_gc  # noqa: E402
 from aggregator.limits import Limits  # noqa: E402
 from aggregator.model import Sample  # noqa: E402
 from aggregator.protocol import Parser  # noqa: E402

@@ -109,6 +109,18 @@ BAD_CONFIGS = [
     ("zero interval", "[aggregation]\nflush_interval = 0\n", "aggregation.flush_interval"),
     ("bool interval", "[aggregation]\nflush_interval = true\n", "aggregation.flush_interval"),
     ("bad address", "[listen]\nudp = 'localhost'\n", "listen.udp"),
+    ("negative workers", "[listen]\nworkers = -1\n", "listen.workers"),
+    ("workers as text", "[listen]\nworkers = '2'\n", "listen.workers"),
+    (
+        "workers with the relay",
+        "[listen]\nworkers = 2\n[forward.relay]\naddress = '127.0.0.1:9'\n",
+        "listen.workers cannot be used with [forward.relay]",
+    ),
+    (
+        "workers with no datagram socket",
+        "[listen]\nworkers = 2\nudp = ''\n",
+        "listen.workers reads the datagram sockets",
+    ),
     ("port too big", "[listen]\ntcp = '127.0.0.1:70000'\n", "listen.tcp"),
     ("percentile 0", "[aggregation]\npercentiles = [0, 50]\n", "aggregation.percentiles"),
     ("percentile text", "[aggregation]\npercentiles = ['p99']\n", "aggregation.percentiles"),
