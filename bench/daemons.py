@@ -1,9 +1,10 @@
 """The two daemons under test, started the same way and read the same way.
 
 Each is a subprocess pinned to one core (taskset, so every thread it starts
-inherits the mask), listening on 127.0.0.1 port 0, with the same flush
-interval and the same 32 MiB UDP receive buffer. Each tells how much of the
-bench counters it has received, cumulatively, as of its latest flush:
+inherits the mask; ours with ``--workers`` gets both cores), listening on
+127.0.0.1 port 0, with the same flush interval and the same 32 MiB UDP
+receive buffer. Each tells how much of the bench counters it has received,
+cumulatively, as of its latest flush:
 
 - ours: the sum of the stored counter rollups named bench.* at the flush
   resolution, read from its SQLite file (a read-only WAL reader, as the API
@@ -37,6 +38,8 @@ ROOT = BENCH.parent
 PYTHON = ROOT / ".venv" / "bin" / "python"
 ETSY_STATS = BENCH / "node_modules" / "statsd" / "stats.js"
 RECEIVE_BUFFER = 32 * 1024 * 1024
+#: ours with ingest workers (--workers) may use every core, the generator's too
+ALL_CPUS = "0-1"
 READY = re.compile(r"\bready\b(?P<rest>.*)$")
 
 
@@ -59,9 +62,10 @@ class Daemon:
 
     name = "?"
 
-    def __init__(self, workdir: Path, flush_interval: int, cpu: int) -> None:
+    def __init__(self, workdir: Path, flush_interval: int, cpu: int | str) -> None:
         self.workdir = workdir
         self.flush_interval = flush_interval
+        #: the cores, as taskset takes them: "0", or "0,1"
         self.cpu = cpu
         self.proc: subprocess.Popen[str] | None = None
         self.log: list[str] = []
@@ -147,6 +151,13 @@ class Daemon:
 class Ours(Daemon):
     name = "ours"
 
+    def __init__(
+        self, workdir: Path, flush_interval: int, cpu: int | str, workers: int = 0
+    ) -> None:
+        super().__init__(workdir, flush_interval, cpu)
+        #: listen.workers: ingest processes that read the UDP socket
+        self.workers = workers
+
     def command(self) -> list[str]:
         config = self.workdir / "config.toml"
         config.write_text(
@@ -155,6 +166,7 @@ class Ours(Daemon):
             'tcp = ""\n'
             'http = "127.0.0.1:0"\n'
             f"udp_receive_buffer = {RECEIVE_BUFFER}\n"
+            f"workers = {self.workers}\n"
             "[aggregation]\n"
             f"flush_interval = {self.flush_interval}\n"
             "[storage]\n"
@@ -296,9 +308,14 @@ class Etsy(Daemon):
         return Totals(float(report["total"]), float(report["flushed_at"]), int(report["flushes"]))
 
 
-def make(kind: str, workdir: Path, flush_interval: int, cpu: int) -> Daemon:
+def ours(workdir: Path, flush_interval: int, cpu: int, workers: int = 0) -> Ours:
+    """Ours pinned to core ``cpu``; with ``workers`` ingest processes, on every core."""
+    return Ours(workdir, flush_interval, ALL_CPUS if workers else cpu, workers)
+
+
+def make(kind: str, workdir: Path, flush_interval: int, cpu: int, workers: int = 0) -> Daemon:
     if kind == "ours":
-        return Ours(workdir, flush_interval, cpu)
+        return ours(workdir, flush_interval, cpu, workers)
     if kind == "etsy":
         return Etsy(workdir, flush_interval, cpu)
     raise ValueError(kind)

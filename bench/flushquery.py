@@ -101,7 +101,7 @@ def flush_costs(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, 
         corpus = _corpus(size)
         # The window must hold the whole fill: 30 s for 1M series, else 10 s.
         interval_here = interval if size / fill_rate * 1.5 < interval else 30
-        daemon = daemons.Ours(BUILD / "run" / "flush", interval_here, 0)
+        daemon = daemons.ours(BUILD / "run" / "flush", interval_here, 0, args.workers)
         daemon.start()
         try:
             daemon.wait_flush_after(time.time(), interval_here * 2 + 30)
@@ -146,7 +146,7 @@ def flush_costs(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, 
     flush_estimate = next(
         (r["flush_seconds"] for r in rows if r["series"] == size and "error" not in r), 1.0
     )
-    daemon = daemons.Ours(BUILD / "run" / "flushloss", interval, 0)
+    daemon = daemons.ours(BUILD / "run" / "flushloss", interval, 0, args.workers)
     daemon.start()
     try:
         daemon.wait_flush_after(time.time(), interval * 2 + 30)
@@ -194,9 +194,11 @@ def flush_costs(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, 
 
 
 def _probe_rate(args: argparse.Namespace, results: dict[str, Any]) -> float:
-    """Half our sustained rate on workload (a) when this run measured it."""
+    """--probe-rate, else half our sustained rate on workload (a) when this run measured it."""
     if args.smoke:
         return 2_000.0
+    if args.probe_rate:
+        return float(args.probe_rate)
     figures = [
         t["figure"]
         for t in results.get("rate", {}).get("trials", [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -28,24 +29,42 @@ def udp_socket(port: int) -> UdpSocket | None:
     return None
 
 
+def family(pid: int) -> list[int]:
+    """`pid` and every live descendant (our daemon's ingest workers)."""
+    found = [pid]
+    for member in found:
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{member}/task"):
+                with open(f"/proc/{member}/task/{task}/children") as f:
+                    found.extend(int(child) for child in f.read().split())
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (every thread), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        text = f.read()
-    # The command name is in parentheses and may hold spaces: split after it.
-    fields = text[text.rindex(")") + 2 :].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / CLOCK_TICKS
+    """utime + stime of the process and its children (every thread), in seconds."""
+    total = 0
+    for member in family(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{member}/stat") as f:
+            text = f.read()
+            # The command name is in parentheses and may hold spaces: split after it.
+            fields = text[text.rindex(")") + 2 :].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
 
 
 def memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of `pid`, in KiB."""
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0])
+    """VmRSS and VmHWM (peak RSS) of the process plus its children, in KiB.
+
+    For a family, the sum of each member's peak: an upper bound of the
+    family's peak, which is reached when every member peaks at once.
+    """
+    out = {"VmRSS": 0, "VmHWM": 0}
+    for member in family(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{member}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in out:
+                    out[key] += int(value.split()[0])
     return out
 
 

@@ -268,7 +268,7 @@ def run_trial(
     workdir: Path,
 ) -> Trial:
     load = procfs.load_average()
-    daemon = daemons.make(kind, workdir, options.flush_interval, DAEMON_CPU)
+    daemon = daemons.make(kind, workdir, options.flush_interval, DAEMON_CPU, options.workers)
     daemon.start()
     steps: list[Step] = []
     best: Step | None = None
@@ -416,6 +416,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, help="steps per search (default 10)")
     parser.add_argument("--wait-quiet", type=float, default=None, help="seconds to wait for load")
     parser.add_argument("--out", type=Path, help="write every figure as JSON here")
+    parser.add_argument(
+        "--probe-rate",
+        type=float,
+        help="lines/s offered across the 100k-series flush (default: half ours on (a))",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="run ours with listen.workers = N, on both cores (Etsy stays on core 0)",
+    )
     args = parser.parse_args(argv)
     smoke = args.smoke
     args.trials = args.trials or (1 if smoke else 3)
@@ -478,6 +489,11 @@ def rate_section(
                 )
                 save(_rate_results(trials, args.workload_keys, corpora))
     found = _rate_results(trials, args.workload_keys, corpora)
+    if args.workers:
+        found["table"] = (
+            f"ours: listen.workers = {args.workers} on cores {daemons.ALL_CPUS} "
+            f"(the generator's core too); Etsy on core {DAEMON_CPU}\n\n" + found["table"]
+        )
     print("\n" + found["table"] + "\n", flush=True)
     return found
 

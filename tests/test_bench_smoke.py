@@ -48,6 +48,25 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert [q["status"] for q in results["query"]] == [200] * len(results["query"])
 
 
+@pytest.mark.timeout(300)
+def test_the_benchmark_runs_ours_with_ingest_workers(tmp_path: Path) -> None:
+    if shutil.which("gcc") is None or shutil.which("taskset") is None:
+        pytest.skip("the benchmark needs gcc and taskset")
+    out = tmp_path / "results.json"
+    args = ["--smoke", "--workers", "2", "--daemons", "ours", "--workloads", "b"]
+    done = subprocess.run(
+        [sys.executable, "bench/run.py", *args, "--sections", "rate", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "listen.workers = 2" in done.stdout
+    [trial] = json.loads(out.read_text())["rate"]["trials"]
+    assert trial["steps"] and not trial["error"], trial
+
+
 def test_the_hot_path_timings_run() -> None:
     args = ["--workloads", "a", "--series", "2000", "--rounds", "1"]
     done = subprocess.run(
