@@ -7,7 +7,9 @@ stop HTTP -> close the database. Only this module knows every other one.
 
 A flush that SQLite cannot take is parked in the spool and replayed in
 order (spool.py); SIGHUP reloads the dashboards and the limits and logs
-what else needs a restart (operations.py).
+what else needs a restart (operations.py). With ``listen.workers``, ingest
+worker processes read the datagram sockets and the writer merges their
+windows into each flush (worker.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Listeners only frame bytes: datagrams are handed over whole (those read in
 one wakeup together, as a list); a stream is cut after its last newline and
-the complete lines are handed over. They do not parse. A stream line longer
+the complete lines are handed over. They do not parse. With ingest workers
+the datagram sockets are bound here and read by the workers (worker.py). A stream line longer
 than the limit is counted as a bad line and its connection closed; other
 connections are unaffected.
 
