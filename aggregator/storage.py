@@ -1016,9 +1016,15 @@ class _Pending:
         sums = list(map(_SUM, window))
         lasts = list(map(_LAST, window))
         states = list(map(_STATE, window))
-        if sids != self.sids and not self._align(sids, window):
-            self.valid = False
-            return
+        n = len(sids)
+        where: dict[int, int] = {}
+        if sids != self.sids:
+            where = dict(zip(sids, range(n), strict=True))
+            if len(where) != n:  # a series twice: the upsert merged them
+                self.valid = False
+                return
+            if None in map(self.index.get, sids):
+                self._grow(sids, window)
         try:
             if sids == self.sids:  # the same series as the columns, in order
                 self.count = list(map(add, self.count, counts))
@@ -1031,8 +1037,7 @@ class _Pending:
             # some series are not in this window: gather its columns by position,
             # with the neutral value where a series is missing (0.0 is neutral:
             # a running sum that starts from 0.0 is never -0.0)
-            n, m = len(sids), len(self.sids)
-            where = dict(zip(sids, range(n), strict=True))
+            m = len(self.sids)
             at = list(map(where.get, self.sids, repeat(n)))
             counts.append(0.0)
             sums.append(0.0)
@@ -1050,16 +1055,10 @@ class _Pending:
         except TypeError:  # count or sum None, or text: SQLite's sum() decides
             self.valid = False
 
-    def _align(self, sids: list[int], window: Sequence[tuple[Any, ...]]) -> bool:
-        """Give the window's new series their positions (neutral values so far);
-        False when a series is twice in the window."""
-        where = dict(zip(sids, range(len(sids)), strict=True))
-        if len(where) != len(sids):
-            return False
-        new = where.keys() - self.index.keys()
-        if not new:
-            return True
-        rows = [window[i] for i in sorted(map(where.__getitem__, new))]
+    def _grow(self, sids: list[int], window: Sequence[tuple[Any, ...]]) -> None:
+        """Give the window's new series positions, with neutral values so far."""
+        index = self.index
+        rows = [row for sid, row in zip(sids, window, strict=True) if sid not in index]
         grow = len(rows)
         first = len(self.sids)
         self.ordered = not first  # appended after the known series: out of key order
@@ -1074,7 +1073,6 @@ class _Pending:
         self.last += repeat(None, grow)
         for column in self.states:
             column += repeat(None, grow)
-        return True
 
     def rows(self, resolution: int) -> list[tuple[Any, ...]] | None:
         """The bucket's rows of ``_INSERT_COMPACTED``; None when SQL must compact it."""
