@@ -835,6 +835,116 @@ def test_a_tier_added_to_an_old_file_catches_up(
         assert_same_documents(grown.query_series(metric, **kw), raw_answer(oracle, metric, **kw))
 
 
+def tricky_minutes(seed: int) -> list[list[Rollup]]:
+    """Twelve minutes of flushes (6 windows each), each minute with its own twist
+    for the tier-1 bucket that the writer folds in memory (see the comments)."""
+    rng = random.Random(seed)
+    awkward = [0.1, 0.2, 0.7, 1e16, 1.0, -1e16, -0.0, 0.0, 3.3, -2.5e-300]
+    flushes: list[list[Rollup]] = []
+    for minute in range(12):
+        for w in range(6):
+            ts = T0 + 60 * minute + 10 * w
+            batch: list[Rollup] = []
+            for host in ("a", "b"):
+                tags: Tags = (("host", host),)
+                total = rng.choice(awkward)  # sums whose value depends on the order added
+                batch.append(counter("hits", ts, total, tags, count=rng.choice(awkward)))
+                low = rng.choice([0.0, -0.0, -1.5])  # equal min values of either sign
+                batch.append(gauge("depth", ts, rng.choice(awkward), tags, low, 7.0))
+                values = [rng.expovariate(0.01) for _ in range(rng.randint(1, 4))]
+                batch.append(timer("lat", ts, values, tags))
+                sampled = Sketch.from_values([1.0, 2.0], [2.5, 0.5])  # fractional weights
+                batch.append(
+                    Rollup("dist", "d", tags, ts, 3.0, 3.5, 1.0, 2.0, 2.0, sampled.to_bytes())
+                )
+                members = [f"u{rng.randint(0, 9)}" for _ in range(rng.randint(1, 3))]
+                batch.append(set_rollup("users", ts, members, tags))
+            if minute == 1 and w >= 3:  # a series arriving mid-minute...
+                batch.append(counter("late.joiner", ts, 0.1 * w))
+                batch.append(timer("lat", ts, [5.0], (("host", "new"),)))
+            if minute == 1 and w in (1, 4):  # ...and one seen in two windows only
+                batch.append(gauge("sparse", ts, 0.3 * w, low=-0.0))
+            if minute == 2 and w == 2:  # NaN is stored as NULL: SQL's business
+                batch.append(gauge("depth", ts, 1.0, (("host", "c"),), math.nan))
+            if minute == 3 and w == 4:  # the same series twice, tags in two orders
+                batch.append(counter("hits", ts, 1.0, (("host", "a"), ("z", "1"))))
+                batch.append(counter("hits", ts, 2.0, (("z", "1"), ("host", "a"))))
+            if minute == 5 and w == 1:  # NULLs
+                batch.append(Rollup("nulls", "g", (), ts, 1.0, 2.0, 2.0, 2.0, None))
+            if minute == 6 and w == 5:  # a whole number, as an int
+                batch.append(Rollup("ints", "c", (), ts, 3, 7, 7, 7, 7))
+            flushes.append(batch)
+    return flushes
+
+
+def test_minutes_compacted_in_memory_are_the_rows_sql_compacts(
+    open_storage: Callable[..., Storage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer folds tier 1's bucket as it writes the windows; what it stores
+    must be exactly what _COMPACT stores, bit for bit: sums added in the same
+    order, the same of two equal min values, NULLs, merged blobs, totals."""
+    from aggregator import storage as storage_module
+
+    folded = []
+    rows = storage_module._Pending.rows
+
+    def counting_rows(self: Any, resolution: int) -> Any:
+        result = rows(self, resolution)
+        folded.append(result is not None)
+        return result
+
+    monkeypatch.setattr(storage_module._Pending, "rows", counting_rows)
+
+    def pair() -> tuple[Storage, Storage]:
+        memory, sql = open_storage("memory.db"), open_storage("sql.db")
+        sql.open_writer().fold = False
+        return memory, sql
+
+    memory, sql = pair()
+    flushes = tricky_minutes(11)
+    for n, batch in enumerate(flushes):
+        if n == 4 * 6 + 2:  # minute 4: a window written twice (a restart, say)
+            batch = [*batch, *flushes[n - 1]]
+        if n == 7 * 6 + 3:  # minute 7: restart mid-minute; the file has rows it never saw
+            memory.close()
+            sql.close()
+            memory, sql = pair()
+        if n == 8 * 6 + 2:  # minute 8: a late row into minute 0, with a fresh window
+            batch = [*batch, counter("hits", T0 + 20, 0.1, (("host", "a"),))]
+        if n == 9 * 6 + 1:  # minute 9: two windows in one write
+            continue
+        if n == 9 * 6 + 2:
+            batch = [*flushes[n - 1], *batch]
+        memory.write(batch)
+        sql.write(batch)
+
+    def dump(storage: Storage) -> str:
+        with sqlite3.connect(storage.path) as conn:
+            return repr(
+                [
+                    conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2, 3, 4").fetchall()
+                    for table in ("rollups", "totals", "tiers", "metrics")
+                ]
+            )
+
+    assert dump(memory) == dump(sql)
+    # minutes 2, 3, 4 and 7 by SQL, the others from memory
+    assert folded == [True, True, False, False, False, True, True, False, True, True, True, True]
+
+
+def test_a_malformed_sketch_fails_the_minute_as_sql_does(
+    open_storage: Callable[..., Storage],
+) -> None:
+    memory, sql = open_storage("memory.db"), open_storage("sql.db")
+    sql.open_writer().fold = False
+    for storage in (memory, sql):
+        for w in range(5):
+            storage.write([timer("lat", T0 + 10 * w, [1.0])])
+        broken = Rollup("lat", "ms", (), T0 + 50, 1.0, 1.0, 1.0, 1.0, 1.0, b"\x93\x01")
+        with pytest.raises(sqlite3.OperationalError, match="finalize"):
+            storage.write([broken])
+
+
 def test_compaction_skips_a_downtime(open_storage: Callable[..., Storage], clock: Clock) -> None:
     storage = open_storage()
     storage.write([counter("c", T0, 1.0)])
