@@ -162,8 +162,10 @@ def flush_costs(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, 
         with _QueueWatch(daemon.udp_port, probe_seconds + 30) as watch:
             report = send(probe, daemon.udp_port, probe_rate, probe_seconds)
             drain = wait_drained(daemon.udp_port)
-        # The full window's flush ran during the probe: its duration is the
-        # latest one now (the final wait below ends on a later, small flush).
+        # The full window's flush began at the boundary, during the probe; it
+        # may still run when the probe ends: wait for it, then read its time
+        # (the final wait below ends on a later, small flush).
+        daemon.wait_flush_after(boundary - 1, interval * 2 + 120)
         during = daemon.health()
         probe_sent = probe.lines_sent(report["sent"])
         daemon.wait_flush_after(time.time(), interval * 2 + 120)
