@@ -74,13 +74,16 @@ def test_workers_read_every_type_exactly(start_daemon: DaemonFactory, tmp_path: 
     assert health["bad_lines"] == 0
 
 
-def test_an_absolute_gauge_keeps_the_latest_value(
+def test_a_gauge_carries_across_windows_and_workers(
     start_daemon: DaemonFactory, tmp_path: Path
 ) -> None:
+    """The daemon holds the value: deltas read by any worker move it, later."""
     d = start_daemon(config=with_workers(tmp_path, 3))
     send_from_many_sockets(d, [b"wk.temp:5|g"] * 30)
     d.wait_value("wk.temp", 5, stat="last")
-    send_from_many_sockets(d, [b"wk.temp:-2|g", b"wk.temp:7|g"], sockets=1)
+    send_from_many_sockets(d, [b"wk.temp:+1|g"] * 10)
+    d.wait_value("wk.temp", 15, stat="last")
+    send_from_many_sockets(d, [b"wk.temp:7|g"], sockets=1)
     d.wait_value("wk.temp", 7, stat="last")
 
 
