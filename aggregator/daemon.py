@@ -159,14 +159,14 @@ class Daemon:
         for reason, count in report.drops.items():
             self.drops.window[reason] = self.drops.window.get(reason, 0) + count
 
-    def _worker_exited(self, index: int, code: int | None) -> None:
+    def _worker_exited(self, pid: int, code: int | None) -> None:
         """Event loop: a worker's channel closed. Outside shutdown, the daemon stops too."""
         if self._stop.is_set():
             return
         log.error(
             "ingest worker %d exited (status %s); stopping, so that the service manager "
             "restarts the daemon",
-            index,
+            pid,
             code,
         )
         self.exit_status = 1

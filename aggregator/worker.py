@@ -123,7 +123,8 @@ class Workers:
     def __init__(self, channels: list[_Channel], on_report: Callable[[Report], None]) -> None:
         self._channels = channels
         self._on_report = on_report
-        self.on_exit: Callable[[int, int | None], None] = lambda index, code: None
+        #: called with a worker's pid and exit status (None: still running)
+        self.on_exit: Callable[[int, int | None], None] = lambda pid, code: None
 
     @classmethod
     async def start(
@@ -140,8 +141,8 @@ class Workers:
                 channel.writer.close()
             raise
         workers = cls(channels, on_report)
-        for index, channel in enumerate(channels):
-            channel.task = asyncio.create_task(workers._read_reports(index, channel))
+        for channel in channels:
+            channel.task = asyncio.create_task(workers._read_reports(channel))
         return workers
 
     @property
@@ -171,7 +172,7 @@ class Workers:
             futures.append(future)
         return futures
 
-    async def _read_reports(self, index: int, channel: _Channel) -> None:
+    async def _read_reports(self, channel: _Channel) -> None:
         try:
             while True:
                 report = await _read_frame(channel.reader)
@@ -188,7 +189,7 @@ class Workers:
             channel.pending.popleft().set_exception(gone)
         channel.writer.close()
         code = await asyncio.get_running_loop().run_in_executor(None, _reap, channel.proc)
-        self.on_exit(index, code)
+        self.on_exit(channel.proc.pid, code)
 
     async def close(self, timeout: float) -> None:
         """Close every channel (a worker exits on it) and wait for the processes."""

@@ -148,7 +148,7 @@ def test_a_dead_worker_stops_the_daemon(start_daemon: DaemonFactory, tmp_path: P
     os.kill(victim, signal.SIGKILL)
     assert d.proc is not None
     assert d.proc.wait(30) == 1
-    assert any("ingest worker" in line and "exited" in line for line in d.log), d.log
+    assert any(f"ingest worker {victim} exited" in line for line in d.log), d.log
     wait_for(lambda: not _alive(survivor), what="the other worker to exit")
 
 
