@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 _LENGTH = struct.Struct(">Q")
 #: a worker that has not said "ready" by then is taken as failed
 START_SECONDS = 30.0
+#: how long a worker whose channel closed gets to exit before it is reported
+SHUTDOWN_WAIT = 10.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -212,10 +214,6 @@ def _reap(proc: subprocess.Popen[bytes]) -> int | None:
         return proc.wait(timeout=SHUTDOWN_WAIT)
     except subprocess.TimeoutExpired:
         return None
-
-
-#: how long a worker whose channel closed gets to exit before it is reported
-SHUTDOWN_WAIT = 10.0
 
 
 #: the worker's command; not ``-m aggregator.worker``, which would make this
