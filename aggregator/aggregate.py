@@ -176,6 +176,27 @@ class Aggregator:
         if new:
             self._budget.count_gauges([name for name, _, _ in self._gauges])
 
+    def window_parts(self) -> tuple[Any, ...]:
+        """What the C fast path updates in place, in the order ``Routes.feed`` takes it.
+
+        The open window's counters, timers, weights, gauges and sets, the
+        persisted gauges, the limits' ``admit``, ``gauge_deltas``, whether
+        gauges are kept as a worker keeps them, and the worker's ``now``.
+        """
+        w = self._open
+        return (
+            w.counters,
+            w.timers,
+            w.weights,
+            w.gauges,
+            w.sets,
+            self._gauges,
+            self._budget.admit,
+            self.gauge_deltas,
+            False,
+            0.0,
+        )
+
     def add(self, samples: Iterable[Sample], limited: bool = True) -> None:
         """Fold samples into their windows.  The hot path: keep it lean.
 
@@ -350,6 +371,9 @@ class WorkerAggregator(Aggregator):
         super().__init__(interval, (), gauge_deltas, limits, drops)
         #: arrival time of the samples being added (time.monotonic(), per read)
         self.now = 0.0
+
+    def window_parts(self) -> tuple[Any, ...]:
+        return (*super().window_parts()[:8], True, self.now)
 
     def _add_gauge(self, key: SeriesKey, value: float, delta: bool, admit: Any = None) -> None:
         gauges = self._open.gauges

@@ -3,6 +3,14 @@
 The daemon runs one Intake for everything it reads itself; an ingest
 worker (worker.py) runs its own for the datagram sockets it reads. Both
 processes call :func:`quiet_gc` once they are set up.
+
+Two paths with one result. The pure one parses a whole read
+(protocol.Parser) and adds its samples (Aggregator.add). The fast one, when
+the C extension ``_fastpath`` is built, reads every line whose shape the
+parser has seen (``Parser.route``) straight into the window, and hands the
+others, one at a time and in order, to the pure one; after each such line
+it learns the line's shape. tests/test_fastpath.py holds both to the same
+windows and counts.
 """
 
 from __future__ import annotations
@@ -11,9 +19,19 @@ import gc
 from collections.abc import Callable
 
 from .aggregate import Aggregator
-from .model import Event, ServiceCheck
+from .model import COUNTER, DISTRIBUTION, GAUGE, HISTOGRAM, SET, TIMER, Event, Parsed, ServiceCheck
 from .protocol import Parser
 from .selfstats import IngestStats
+
+try:
+    from . import _fastpath
+except ImportError:  # built without a C compiler: the pure path does it all
+    _fastpath = None  # type: ignore[assignment]
+
+#: line shapes the fast path remembers (as many as the parser caches names)
+ROUTES = 1 << 17
+#: type code -> the fast path's kind
+_KINDS = {COUNTER: 0, TIMER: 1, HISTOGRAM: 1, DISTRIBUTION: 1, GAUGE: 2, SET: 3}
 
 #: allocations between two runs of the cycle collector's first generation
 GC_THRESHOLD = 50_000
@@ -22,7 +40,13 @@ GC_THRESHOLD = 50_000
 class Intake:
     """The per-line path: parser -> aggregator, with the ingest counters."""
 
-    def __init__(self, parser: Parser, aggregator: Aggregator, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        parser: Parser,
+        aggregator: Aggregator,
+        clock: Callable[[], float],
+        fast: bool = True,
+    ) -> None:
         self.parser = parser
         self.aggregator = aggregator
         self.clock = clock
@@ -30,18 +54,48 @@ class Intake:
         #: events and service checks with their arrival second, until the flush
         self.events: list[tuple[Event, int]] = []
         self.checks: list[tuple[ServiceCheck, int]] = []
+        #: the C fast path's line shapes; None: the pure path only
+        self.routes = _fastpath.Routes(ROUTES) if fast and _fastpath is not None else None
 
     def datagrams(self, datagrams: list[bytes]) -> None:
-        """The datagrams of one socket read, parsed as one text joined by newlines.
+        """The datagrams of one socket read.
 
-        A datagram's lines never run into the next one's, and the parser and
+        On the pure path they are parsed as one text joined by newlines: a
+        datagram's lines never run into the next one's, and the parser and
         the aggregator are called once for the lot.
         """
-        self.lines(datagrams[0] if len(datagrams) == 1 else b"\n".join(datagrams))
+        if self.routes is not None:
+            self._feed(datagrams)
+        else:
+            data = datagrams[0] if len(datagrams) == 1 else b"\n".join(datagrams)
+            self._fold(self.parser.parse(data))
 
     def lines(self, data: bytes) -> None:
         """A run of stream lines, or one datagram."""
-        parsed = self.parser.parse(data)
+        if self.routes is not None:
+            self._feed([data])
+        else:
+            self._fold(self.parser.parse(data))
+
+    def _feed(self, chunks: list[bytes]) -> None:
+        assert self.routes is not None
+        handled = self.routes.feed(chunks, *self.aggregator.window_parts(), self._slow_line)
+        stats = self.stats
+        stats.lines += handled
+        stats.samples += handled  # one sample per line there
+
+    def _slow_line(self, line: bytes) -> None:
+        """A line the fast path does not know the shape of: the pure path, then learn it."""
+        parsed = self.parser.parse(line)
+        self._fold(parsed)
+        if len(parsed.samples) == 1 and parsed.samples[0].timestamp is None:
+            route = self.parser.route(line.decode())
+            if route is not None and self.routes is not None:
+                head, tail, key, rate = route
+                self.routes.learn(head.encode(), tail.encode(), key, _KINDS[key[1]], rate)
+
+    def _fold(self, parsed: Parsed) -> None:
+        """Count what the parser made of a read and add its samples to the window."""
         stats = self.stats
         stats.lines += parsed.lines
         if parsed.samples:
@@ -63,6 +117,7 @@ class Intake:
         events, self.events = self.events, []
         checks, self.checks = self.checks, []
         return events, checks
+
 
 def quiet_gc() -> None:
     """Keep the cycle collector off the hot paths.

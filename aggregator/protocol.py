@@ -55,6 +55,7 @@ from aggregator.model import (
     Event,
     Parsed,
     Sample,
+    SeriesKey,
     ServiceCheck,
     Tags,
 )
@@ -285,6 +286,28 @@ class Parser:
                 return result
             first_body = False
             values = next_values
+
+    def route(self, line: str) -> tuple[str, str, SeriesKey, float] | None:
+        """``(head, tail, series key, rate)`` when lines like this one read alike.
+
+        For a line whose name (``head``, before the first ":") and whose text
+        after its values (``tail``, after the "|" that ends them) the parser
+        has seen and cached as a plain one-body line, the samples depend on
+        the values text alone: ``_samples(key name, key type, key tags,
+        values, rate)``. The C fast path (fastpath.py) then reads such lines
+        without the parser. None for every other line.
+        """
+        if line[-1:] == "\r":
+            line = line[:-1]
+        head, colon, rest = line.partition(":")
+        named = self._names.get(head)
+        if not colon or not isinstance(named, tuple) or named[1]:
+            return None
+        _, bar, tail = rest.partition("|")
+        plan = self._plans.get(tail)
+        if not bar or plan is None:
+            return None
+        return head, tail, (named[0], plan[0], plan[2]), plan[1]
 
     def _remember_plan(self, rest: str, type_code: str, rate: float, tags: Tags) -> None:
         """Cache what a one-body line's type and fields mean, by their text.

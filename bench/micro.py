@@ -4,8 +4,9 @@ The rate benchmark (run.py) says how much a whole daemon takes; this says
 where a change to the parser, the aggregator or the flush path moved the
 cost, in a few seconds and with less noise:
 
-- intake: ``Parser.parse`` + ``Aggregator.add`` over a workload's corpus,
-  datagrams handed over in batches as the UDP listener does (lines/s);
+- intake: ``Intake.datagrams`` (parser and window, on the C fast path and
+  on the pure one) over a workload's corpus, datagrams handed over in
+  batches as the UDP listener does (lines/s);
 - flush: for N active series (the workload-(d) mix, SAMPLES values each per
   window), ``aggregate.snapshot`` and ``Storage.write`` of a first window
   (which creates the series), of the windows after it, and of the window
@@ -37,7 +38,7 @@ sys.path.insert(0, str(HERE))
 import workloads  # noqa: E402
 
 from aggregator.aggregate import Aggregator, snapshot  # noqa: E402
-from aggregator.intake import quiet_gc  # noqa: E402
+from aggregator.intake import Intake, quiet_gc  # noqa: E402
 from aggregator.limits import Limits  # noqa: E402
 from aggregator.model import Sample  # noqa: E402
 from aggregator.protocol import Parser  # noqa: E402
@@ -60,26 +61,27 @@ def read_corpus(path: Path) -> list[bytes]:
     return datagrams
 
 
-def intake(key: str, rounds: int) -> None:
+def intake(key: str, rounds: int, fast: bool) -> None:
     corpus = workloads.build(workloads.WORKLOADS[key], HERE / "build")
     datagrams = read_corpus(corpus.path)
-    batches = [
-        b"\n".join(datagrams[i : i + BATCH]) for i in range(0, len(datagrams), BATCH)
-    ]
-    parser = Parser()
+    batches = [datagrams[i : i + BATCH] for i in range(0, len(datagrams), BATCH)]
     aggregator = Aggregator(INTERVAL, PERCENTILES, limits=Limits(max_series=10**7))
+    feed = Intake(Parser(), aggregator, time.time, fast=fast)
+    if fast and feed.routes is None:
+        sys.exit("micro.py: the C fast path is not built (pip install -e . builds it)")
     # one pass first: series creation and cold caches are not the steady state
-    for text in batches:
-        aggregator.add(parser.parse(text).samples)
+    for batch in batches:
+        feed.datagrams(batch)
     best = float("inf")
     for _ in range(rounds):
         started = time.perf_counter()
-        for text in batches:
-            aggregator.add(parser.parse(text).samples)
+        for batch in batches:
+            feed.datagrams(batch)
         best = min(best, time.perf_counter() - started)
     rate = corpus.lines / best
+    path = "fast" if fast else "pure"
     print(
-        f"intake ({key}) {corpus.workload.title}: {rate:,.0f} lines/s, "
+        f"intake ({key}) {corpus.workload.title}, {path} path: {rate:,.0f} lines/s, "
         f"{best / corpus.lines * 1e6:.2f} us/line (best of {rounds})"
     )
 
@@ -148,7 +150,8 @@ def main() -> None:
     sections = args.sections.split(",")
     if "intake" in sections:
         for key in args.workloads.split(","):
-            intake(key, args.rounds)
+            for fast in (True, False):
+                intake(key, args.rounds, fast)
     if "flush" in sections:
         flush(args.series, args.samples, args.rounds)
 
