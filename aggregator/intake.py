@@ -6,7 +6,7 @@ processes call :func:`quiet_gc` once they are set up.
 
 Two paths with one result. The pure one parses a whole read
 (protocol.Parser) and adds its samples (Aggregator.add). The fast one, when
-the C extension ``_fastpath`` is built, reads every line whose shape the
+the C extension is built (fastpath.py), reads every line whose shape the
 parser has seen (``Parser.route``) straight into the window, and hands the
 others, one at a time and in order, to the pure one; after each such line
 it learns the line's shape. tests/test_fastpath.py holds both to the same
@@ -19,14 +19,10 @@ import gc
 from collections.abc import Callable
 
 from .aggregate import Aggregator
+from .fastpath import native
 from .model import COUNTER, DISTRIBUTION, GAUGE, HISTOGRAM, SET, TIMER, Event, Parsed, ServiceCheck
 from .protocol import Parser
 from .selfstats import IngestStats
-
-try:
-    from . import _fastpath
-except ImportError:  # built without a C compiler: the pure path does it all
-    _fastpath = None  # type: ignore[assignment]
 
 #: line shapes the fast path remembers (as many as the parser caches names)
 ROUTES = 1 << 17
@@ -55,7 +51,7 @@ class Intake:
         self.events: list[tuple[Event, int]] = []
         self.checks: list[tuple[ServiceCheck, int]] = []
         #: the C fast path's line shapes; None: the pure path only
-        self.routes = _fastpath.Routes(ROUTES) if fast and _fastpath is not None else None
+        self.routes = native.Routes(ROUTES) if fast and native is not None else None
 
     def datagrams(self, datagrams: list[bytes]) -> None:
         """The datagrams of one socket read.

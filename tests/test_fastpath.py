@@ -22,14 +22,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator import intake as intake_module
 from aggregator.aggregate import Aggregator, WorkerAggregator, snapshot
+from aggregator.fastpath import native
 from aggregator.intake import Intake
 from aggregator.limits import Drops, Limits
 from aggregator.protocol import Parser
 from tests.test_protocol import PARSER_VECTORS, vector_input
 
-if intake_module._fastpath is None:
+if native is None:
     if os.environ.get("CI"):
         pytest.fail("the C fast path is not built (pip install -e . builds it)")
     pytest.skip("the C fast path is not built (no C compiler?)", allow_module_level=True)
@@ -240,8 +240,8 @@ def test_lines_of_known_shapes_skip_the_parser() -> None:
 
 def test_a_full_route_table_starts_over_and_still_agrees() -> None:
     fast, pure = pair()
-    assert intake_module._fastpath is not None
-    fast.routes = intake_module._fastpath.Routes(3)
+    assert native is not None
+    fast.routes = native.Routes(3)
     run_both(corpus(11, 300), fast, pure)
     assert len(fast.routes) <= 3
     assert rollups(fast) == rollups(pure)
@@ -275,8 +275,8 @@ def test_any_reads_of_these_pieces_land_alike(reads: list[list[Any]], worker: bo
 
 
 def test_bad_arguments_are_type_errors() -> None:
-    assert intake_module._fastpath is not None
-    routes = intake_module._fastpath.Routes(8)
+    assert native is not None
+    routes = native.Routes(8)
     with pytest.raises(TypeError):
         routes.learn("a", b"c", ("a", "c", ()), 0, 1.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
@@ -284,4 +284,43 @@ def test_bad_arguments_are_type_errors() -> None:
     with pytest.raises(TypeError):
         routes.feed([b"a:1|c"])
     with pytest.raises(ValueError):
-        intake_module._fastpath.Routes(0)
+        native.Routes(0)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["recvmmsg", "recv"])
+async def test_a_datagram_read_is_the_same_either_way(
+    batched: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DatagramReader with the C recv_batch and with plain recv: same batches, same counts."""
+    import asyncio
+    import socket
+
+    from aggregator import listeners
+
+    if not batched:
+        monkeypatch.setattr(listeners, "native", None)
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.setblocking(False)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sent = [f"m{i}:{i}|c".encode() * (1 + i % 5) for i in range(600)]
+    sent[10] = b"x" * 1001  # over the limit below: counted, not handed over
+    got: list[bytes] = []
+    stats = listeners.ListenerStats()
+    reader = listeners.DatagramReader(
+        receiver, got.extend, stats, "udp", Limits(max_datagram_size=1000)
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        # in runs of 100, each read before the next: the default receive buffer is small
+        for at in range(0, len(sent), 100):
+            for data in sent[at : at + 100]:
+                sender.sendto(data, receiver.getsockname())
+            deadline = loop.time() + 10
+            while stats.packets < at + 100 and loop.time() < deadline:
+                await asyncio.sleep(0.005)
+    finally:
+        reader.close()
+        sender.close()
+    assert got == sent[:10] + sent[11:]
+    assert (stats.packets, stats.bytes, stats.too_large) == (600, sum(map(len, sent)), 1)
