@@ -420,10 +420,11 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, self.reload)
             quiet_gc()
             log.info(
-                "statsd-aggregator ready %s db=%s flush_interval=%ss",
+                "statsd-aggregator ready %s db=%s flush_interval=%ss fastpath=%s",
                 self._address_text(),
                 config.storage_path,
                 self.interval,
+                "c" if self.intake.routes is not None else "python",
             )
             self.notifier.ready(self._address_text())
             flusher = asyncio.create_task(self._flush_loop())

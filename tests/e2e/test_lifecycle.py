@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from aggregator.fastpath import native
+
 from .harness import Daemon, config_text, free_port, run_cli, wait_for
 
 DaemonFactory = Callable[..., Daemon]
@@ -270,6 +272,8 @@ def test_ready_line_holds_the_real_addresses(start_daemon: DaemonFactory, tmp_pa
         assert host == "127.0.0.1" and port > 0, (name, ready)
         assert f"{name}=127.0.0.1:{port}" in ready
     assert d.addresses["unix"] == unix and d.addresses["unix_stream"] == unix_stream
+    # which intake path runs: the C one wherever the extension is built
+    assert d.addresses["fastpath"] == ("python" if native is None else "c"), ready
     # The addresses are the real ones: each listener answers on them.
     assert d.health()["status"] == "ok"
     d.send_udp(b"ready.udp:1|c")
