@@ -167,8 +167,10 @@ class Workers:
 
         The workers swap one after the other: each stops reading while it
         pickles its window (about 0.1 s at 100k series), and the others go
-        on reading the shared socket meanwhile. ``last``: the workers stop
-        reading first, and exit after answering.
+        on reading the shared socket meanwhile. A swap asked while the last
+        one is still under way sends the rest of that one at once (its
+        order per worker is kept). ``last``: each worker stops reading
+        when its turn comes, and exits after answering.
         """
         self._send_queued()  # a previous swap still under way: the rest of it goes now
         frame = _frame(("swap", next_start, limits, last))
