@@ -1,7 +1,9 @@
-"""The C fast path (aggregator/_fastpath.c); everything else is in pyproject.toml.
+"""The C extensions; everything else is in pyproject.toml.
 
-``optional=True``: without a C compiler the package still installs and the
-daemon runs the pure-Python path (slower, same results).
+aggregator/_fastpath.c is the per-line intake path, aggregator/_sketchfast.c
+the flush's sketch serialization and merging. ``optional=True``: without a C
+compiler the package still installs and the daemon runs the pure-Python
+paths (slower, same results).
 """
 
 from setuptools import Extension, setup
@@ -14,6 +16,12 @@ setup(
             # the same float operations as the Python path, never fused
             extra_compile_args=["-O2", "-ffp-contract=off"],
             optional=True,
-        )
+        ),
+        Extension(
+            "aggregator._sketchfast",
+            ["aggregator/_sketchfast.c"],
+            extra_compile_args=["-O2", "-ffp-contract=off"],
+            optional=True,
+        ),
     ]
 )

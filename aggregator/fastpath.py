@@ -1,9 +1,11 @@
-"""The optional C extension (``_fastpath.c``), or None where it was not built.
+"""The optional C extensions, or None where they were not built.
 
-It holds the per-line path for lines of known shape (intake.py) and the
-batched datagram read (listeners.py). Built by ``pip install`` when a C
-compiler is there; without one, every caller takes its pure-Python path,
-which gives the same results, slower.
+``native`` (``_fastpath.c``) holds the per-line path for lines of known
+shape (intake.py) and the batched datagram read (listeners.py);
+``sketch_native`` (``_sketchfast.c``) the flush's sketch serialization and
+merging (sketch.py). Built by ``pip install`` when a C compiler is there;
+without one, every caller takes its pure-Python path, which gives the same
+results, slower.
 """
 
 from __future__ import annotations
@@ -16,4 +18,10 @@ try:
 except ImportError:  # installed without a C compiler
     native = None
 
-__all__ = ["native"]
+sketch_native: ModuleType | None
+try:
+    from . import _sketchfast as sketch_native
+except ImportError:
+    sketch_native = None
+
+__all__ = ["native", "sketch_native"]

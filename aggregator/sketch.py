@@ -70,6 +70,7 @@ from typing import Any
 
 import msgpack
 
+from .fastpath import sketch_native
 from .model import DISTRIBUTION_TYPES, SET
 
 __all__ = [
@@ -170,9 +171,21 @@ def sketch_bytes(values: Sequence[float], low: float, high: float) -> bytes:
     The flush's common case (an unsampled timer), built without a Sketch:
     every weight is a whole count, so the bucket maps go to msgpack as they
     are.  ``low`` and ``high`` are the values' min and max (the caller has
-    sorted them already).  Values are folded with a Counter only when there
-    are many, so the logarithm runs once per distinct value.
+    sorted them already).  In C when the extension is built and the values
+    are a list of finite floats; the same bytes either way.
     """
+    if sketch_native is not None:
+        packed: bytes | None = sketch_native.sketch_bytes(
+            values, low, high, _INV_LOG_GAMMA, MAX_BUCKETS
+        )
+        if packed is not None:
+            return packed
+    return _sketch_bytes(values, low, high)
+
+
+def _sketch_bytes(values: Sequence[float], low: float, high: float) -> bytes:
+    """sketch_bytes in Python. Values are folded with a Counter only when
+    there are many, so the logarithm runs once per distinct value."""
     positive: dict[int, int] = {}
     negative: dict[int, int] = {}
     items: Iterable[tuple[float, int]] = (
@@ -511,7 +524,11 @@ def merge_blobs(type_code: str, blobs: Iterable[bytes | None]) -> bytes | None:
     if len(present) == 1:
         return present[0]
     if type_code in DISTRIBUTION_TYPES:
-        merged = _merge_small_sketches(present)
+        merged = None
+        if sketch_native is not None:
+            merged = sketch_native.merge_sketches(present, MAX_BUCKETS)
+        if merged is None:
+            merged = _merge_small_sketches(present)
         if merged is not None:
             return merged
         sketch = Sketch.from_bytes(present[0])

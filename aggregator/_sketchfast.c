@@ -1,0 +1,496 @@
+/* The flush's per-series sketch work in C (see sketch.py for the format).
+ *
+ * sketch_bytes(values, low, high, inv_log_gamma, max_buckets) builds the
+ * serialized sketch of an unsampled timer's values, as sketch.sketch_bytes
+ * does: the same bucket for each value (the same libm log and ceil), the
+ * buckets in the order their first value arrived, whole counts.
+ *
+ * merge_sketches(blobs, max_buckets) adds serialized sketches bucket by
+ * bucket, as sketch._merge_small_sketches does: buckets in the order they
+ * first appear, min of the mins, max of the maxes.
+ *
+ * Both return the very bytes of the Python path, or None where that path
+ * must decide: a value that is not a finite float, a blob that is not the
+ * plain form (every weight a whole number below 2**53, floats as float64,
+ * canonical msgpack), more than max_buckets buckets for a sign. Python then
+ * takes the slow path, which raises or folds as it always did.
+ * tests/test_sketchfast.py holds the two paths to the same bytes.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* weights and their sums stay below this: a float holds them exactly */
+#define EXACT_INT (INT64_C(1) << 53)
+
+/* ------------------------------------------------------------ bucket maps */
+
+/* An insertion-ordered map of bucket index -> whole weight. */
+typedef struct {
+    int64_t *index;
+    int64_t *weight;
+    Py_ssize_t *seen_in;   /* the blob (or value) that last added to the bucket */
+    Py_ssize_t used;
+    Py_ssize_t capacity;   /* of the three arrays above */
+    int32_t *slots;        /* open addressing over positions; -1 marks empty */
+    Py_ssize_t mask;       /* slot count - 1 */
+} Buckets;
+
+static void
+buckets_free(Buckets *b)
+{
+    PyMem_Free(b->index);
+    PyMem_Free(b->weight);
+    PyMem_Free(b->seen_in);
+    PyMem_Free(b->slots);
+}
+
+static int
+buckets_init(Buckets *b)
+{
+    memset(b, 0, sizeof(*b));
+    b->capacity = 32;
+    b->mask = 63;
+    b->index = PyMem_Malloc(sizeof(int64_t) * (size_t)b->capacity);
+    b->weight = PyMem_Malloc(sizeof(int64_t) * (size_t)b->capacity);
+    b->seen_in = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)b->capacity);
+    b->slots = PyMem_Malloc(sizeof(int32_t) * (size_t)(b->mask + 1));
+    if (!b->index || !b->weight || !b->seen_in || !b->slots) {
+        buckets_free(b);
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(b->slots, 0xff, sizeof(int32_t) * (size_t)(b->mask + 1));
+    return 0;
+}
+
+static Py_ssize_t
+slot_of(const Buckets *b, int64_t index)
+{
+    Py_ssize_t i = (Py_ssize_t)(((uint64_t)index * UINT64_C(0x9E3779B97F4A7C15)) >> 40) & b->mask;
+    while (b->slots[i] >= 0 && b->index[b->slots[i]] != index)
+        i = (i + 1) & b->mask;
+    return i;
+}
+
+static int
+buckets_grow(Buckets *b)
+{
+    Py_ssize_t capacity = b->capacity * 2;
+    int64_t *index = PyMem_Realloc(b->index, sizeof(int64_t) * (size_t)capacity);
+    if (index != NULL)
+        b->index = index;
+    int64_t *weight = PyMem_Realloc(b->weight, sizeof(int64_t) * (size_t)capacity);
+    if (weight != NULL)
+        b->weight = weight;
+    Py_ssize_t *seen_in = PyMem_Realloc(b->seen_in, sizeof(Py_ssize_t) * (size_t)capacity);
+    if (seen_in != NULL)
+        b->seen_in = seen_in;
+    int32_t *slots = PyMem_Malloc(sizeof(int32_t) * (size_t)(capacity * 2));
+    if (!index || !weight || !seen_in || !slots) {
+        PyMem_Free(slots);
+        PyErr_NoMemory();
+        return -1;
+    }
+    PyMem_Free(b->slots);
+    b->slots = slots;
+    b->capacity = capacity;
+    b->mask = capacity * 2 - 1;
+    memset(b->slots, 0xff, sizeof(int32_t) * (size_t)(capacity * 2));
+    for (Py_ssize_t p = 0; p < b->used; p++)
+        b->slots[slot_of(b, b->index[p])] = (int32_t)p;
+    return 0;
+}
+
+/* Add weight to a bucket. 1: done; 0: not the plain form (a bucket twice in
+ * one blob, or a sum too big for a float); -1: an error is set. */
+static int
+buckets_add(Buckets *b, int64_t index, int64_t weight, Py_ssize_t blob)
+{
+    Py_ssize_t i = slot_of(b, index);
+    int32_t p = b->slots[i];
+    if (p >= 0) {
+        if (b->seen_in[p] == blob)
+            return 0; /* msgpack would keep the last of the two: Python decides */
+        b->weight[p] += weight;
+        b->seen_in[p] = blob;
+        return b->weight[p] < EXACT_INT;
+    }
+    if (b->used == b->capacity) {
+        if (buckets_grow(b) < 0)
+            return -1;
+        i = slot_of(b, index);
+    }
+    p = (int32_t)b->used++;
+    b->index[p] = index;
+    b->weight[p] = weight;
+    b->seen_in[p] = blob;
+    b->slots[i] = p;
+    return 1;
+}
+
+/* ------------------------------------------------------------ msgpack */
+
+typedef struct {
+    const unsigned char *at;
+    const unsigned char *end;
+} Reader;
+
+static uint64_t
+read_be(const unsigned char *p, int n)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* An integer in any msgpack int form that fits int64. 1: read; 0: not one. */
+static int
+read_int(Reader *r, int64_t *out)
+{
+    if (r->at >= r->end)
+        return 0;
+    unsigned char tag = *r->at;
+    int size;
+    int is_signed;
+    if (tag <= 0x7f || tag >= 0xe0) {
+        *out = (int8_t)tag;
+        r->at++;
+        return 1;
+    }
+    switch (tag) {
+    case 0xcc: size = 1; is_signed = 0; break;
+    case 0xcd: size = 2; is_signed = 0; break;
+    case 0xce: size = 4; is_signed = 0; break;
+    case 0xcf: size = 8; is_signed = 0; break;
+    case 0xd0: size = 1; is_signed = 1; break;
+    case 0xd1: size = 2; is_signed = 1; break;
+    case 0xd2: size = 4; is_signed = 1; break;
+    case 0xd3: size = 8; is_signed = 1; break;
+    default: return 0;
+    }
+    if (r->end - r->at < 1 + size)
+        return 0;
+    uint64_t raw = read_be(r->at + 1, size);
+    r->at += 1 + size;
+    if (!is_signed) {
+        if (raw > (uint64_t)INT64_MAX)
+            return 0;
+        *out = (int64_t)raw;
+    } else {
+        int shift = 64 - 8 * size;
+        *out = (int64_t)(raw << shift) >> shift;
+    }
+    return 1;
+}
+
+static int
+read_float64(Reader *r, double *out)
+{
+    if (r->end - r->at < 9 || *r->at != 0xcb)
+        return 0;
+    uint64_t bits = read_be(r->at + 1, 8);
+    memcpy(out, &bits, sizeof(bits));
+    r->at += 9;
+    return 1;
+}
+
+static int
+read_map_size(Reader *r, Py_ssize_t *out)
+{
+    if (r->at >= r->end)
+        return 0;
+    unsigned char tag = *r->at;
+    if ((tag & 0xf0) == 0x80) {
+        *out = tag & 0x0f;
+        r->at++;
+        return 1;
+    }
+    int size = tag == 0xde ? 2 : tag == 0xdf ? 4 : 0;
+    if (size == 0 || r->end - r->at < 1 + size)
+        return 0;
+    *out = (Py_ssize_t)read_be(r->at + 1, size);
+    r->at += 1 + size;
+    return 1;
+}
+
+static unsigned char *
+write_be(unsigned char *p, uint64_t v, int n)
+{
+    for (int i = n - 1; i >= 0; i--) {
+        p[i] = (unsigned char)(v & 0xff);
+        v >>= 8;
+    }
+    return p + n;
+}
+
+/* The smallest form, as msgpack's packer writes a Python int. */
+static unsigned char *
+write_int(unsigned char *p, int64_t v)
+{
+    if (v >= 0) {
+        if (v < 0x80) {
+            *p++ = (unsigned char)v;
+        } else if (v < 0x100) {
+            *p++ = 0xcc;
+            p = write_be(p, (uint64_t)v, 1);
+        } else if (v < 0x10000) {
+            *p++ = 0xcd;
+            p = write_be(p, (uint64_t)v, 2);
+        } else if (v < INT64_C(0x100000000)) {
+            *p++ = 0xce;
+            p = write_be(p, (uint64_t)v, 4);
+        } else {
+            *p++ = 0xcf;
+            p = write_be(p, (uint64_t)v, 8);
+        }
+    } else if (v >= -32) {
+        *p++ = (unsigned char)(int8_t)v;
+    } else if (v >= -128) {
+        *p++ = 0xd0;
+        p = write_be(p, (uint64_t)v, 1);
+    } else if (v >= -32768) {
+        *p++ = 0xd1;
+        p = write_be(p, (uint64_t)v, 2);
+    } else if (v >= INT64_C(-2147483648)) {
+        *p++ = 0xd2;
+        p = write_be(p, (uint64_t)v, 4);
+    } else {
+        *p++ = 0xd3;
+        p = write_be(p, (uint64_t)v, 8);
+    }
+    return p;
+}
+
+static unsigned char *
+write_float64(unsigned char *p, double v)
+{
+    uint64_t bits;
+    memcpy(&bits, &v, sizeof(bits));
+    *p++ = 0xcb;
+    return write_be(p, bits, 8);
+}
+
+static unsigned char *
+write_buckets(unsigned char *p, const Buckets *b)
+{
+    Py_ssize_t n = b->used;
+    if (n < 16) {
+        *p++ = (unsigned char)(0x80 | n);
+    } else if (n < 0x10000) {
+        *p++ = 0xde;
+        p = write_be(p, (uint64_t)n, 2);
+    } else {
+        *p++ = 0xdf;
+        p = write_be(p, (uint64_t)n, 4);
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        p = write_int(p, b->index[i]);
+        p = write_int(p, b->weight[i]);
+    }
+    return p;
+}
+
+/* msgpack [1, zero, low, high, positive, negative], as sketch.py packs it. */
+static PyObject *
+pack_sketch(int64_t zero, double low, double high, const Buckets *positive,
+            const Buckets *negative)
+{
+    /* at most 9 bytes per int, 5 per map header */
+    Py_ssize_t most = 1 + 1 + 9 + 9 + 9 + 2 * 5 + 18 * (positive->used + negative->used);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, most);
+    if (out == NULL)
+        return NULL;
+    unsigned char *start = (unsigned char *)PyBytes_AS_STRING(out);
+    unsigned char *p = start;
+    *p++ = 0x96;
+    *p++ = 0x01;
+    p = write_int(p, zero);
+    p = write_float64(p, low);
+    p = write_float64(p, high);
+    p = write_buckets(p, positive);
+    p = write_buckets(p, negative);
+    if (_PyBytes_Resize(&out, (Py_ssize_t)(p - start)) < 0)
+        return NULL;
+    return out;
+}
+
+/* ------------------------------------------------------------ sketch_bytes */
+
+static PyObject *
+sketch_bytes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "sketch_bytes(values, low, high, inv_log_gamma, max_buckets)");
+        return NULL;
+    }
+    PyObject *values = args[0];
+    if (!PyFloat_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "inv_log_gamma must be a float");
+        return NULL;
+    }
+    Py_ssize_t max_buckets = PyLong_AsSsize_t(args[4]);
+    if (max_buckets == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyList_Check(values) || !PyFloat_CheckExact(args[1]) || !PyFloat_CheckExact(args[2]))
+        Py_RETURN_NONE;
+    double inv_log_gamma = PyFloat_AS_DOUBLE(args[3]);
+    Buckets positive, negative;
+    if (buckets_init(&positive) < 0)
+        return NULL;
+    if (buckets_init(&negative) < 0) {
+        buckets_free(&positive);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    int64_t zero = 0;
+    Py_ssize_t n = PyList_GET_SIZE(values);
+    Py_ssize_t i;
+    for (i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(values, i);
+        if (!PyFloat_CheckExact(item))
+            break;
+        double value = PyFloat_AS_DOUBLE(item);
+        if (!isfinite(value))
+            break;
+        int done;
+        if (value > 0.0)
+            done = buckets_add(&positive, (int64_t)ceil(log(value) * inv_log_gamma), 1, i);
+        else if (value < 0.0)
+            done = buckets_add(&negative, (int64_t)ceil(log(-value) * inv_log_gamma), 1, i);
+        else {
+            zero++;
+            done = 1;
+        }
+        if (done < 0)
+            goto finally;
+    }
+    if (i < n || positive.used > max_buckets || negative.used > max_buckets) {
+        result = Py_NewRef(Py_None);
+        goto finally;
+    }
+    result = pack_sketch(zero, PyFloat_AS_DOUBLE(args[1]), PyFloat_AS_DOUBLE(args[2]),
+                         &positive, &negative);
+finally:
+    buckets_free(&positive);
+    buckets_free(&negative);
+    return result;
+}
+
+/* ------------------------------------------------------------ merge_sketches */
+
+/* Add one blob's buckets. 1: done; 0: not the plain form; -1: an error is set. */
+static int
+merge_map(Reader *r, Buckets *b, Py_ssize_t blob)
+{
+    Py_ssize_t size;
+    if (!read_map_size(r, &size))
+        return 0;
+    for (Py_ssize_t k = 0; k < size; k++) {
+        int64_t index, weight;
+        if (!read_int(r, &index) || !read_int(r, &weight) || weight < 0 || weight >= EXACT_INT)
+            return 0;
+        int done = buckets_add(b, index, weight, blob);
+        if (done <= 0)
+            return done;
+    }
+    return 1;
+}
+
+/* Fold one blob in. 1: done; 0: not the plain form; -1: an error is set. */
+static int
+merge_blob(PyObject *blob, Py_ssize_t at, int64_t *zero, double *low, double *high,
+           Buckets *positive, Buckets *negative)
+{
+    if (!PyBytes_Check(blob))
+        return 0;
+    Reader r = {(const unsigned char *)PyBytes_AS_STRING(blob),
+                (const unsigned char *)PyBytes_AS_STRING(blob) + PyBytes_GET_SIZE(blob)};
+    int64_t weight;
+    double first, last;
+    if (r.end - r.at < 2 || r.at[0] != 0x96 || r.at[1] != 0x01)
+        return 0;
+    r.at += 2;
+    if (!read_int(&r, &weight) || weight < 0 || weight >= EXACT_INT)
+        return 0;
+    if (!read_float64(&r, &first) || !read_float64(&r, &last))
+        return 0;
+    *zero += weight;
+    if (*zero >= EXACT_INT)
+        return 0;
+    if (first < *low)
+        *low = first;
+    if (last > *high)
+        *high = last;
+    int done = merge_map(&r, positive, at);
+    if (done <= 0)
+        return done;
+    done = merge_map(&r, negative, at);
+    if (done <= 0)
+        return done;
+    return r.at == r.end;
+}
+
+static PyObject *
+merge_sketches(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "merge_sketches(blobs: list, max_buckets)");
+        return NULL;
+    }
+    PyObject *blobs = args[0];
+    Py_ssize_t max_buckets = PyLong_AsSsize_t(args[1]);
+    if (max_buckets == -1 && PyErr_Occurred())
+        return NULL;
+    Buckets positive, negative;
+    if (buckets_init(&positive) < 0)
+        return NULL;
+    if (buckets_init(&negative) < 0) {
+        buckets_free(&positive);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    int64_t zero = 0;
+    double low = INFINITY, high = -INFINITY;
+    int done = 1;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(blobs) && done > 0; i++)
+        done = merge_blob(PyList_GET_ITEM(blobs, i), i, &zero, &low, &high, &positive, &negative);
+    if (done < 0)
+        goto finally;
+    if (done == 0 || positive.used > max_buckets || negative.used > max_buckets) {
+        result = Py_NewRef(Py_None);
+        goto finally;
+    }
+    result = pack_sketch(zero, low, high, &positive, &negative);
+finally:
+    buckets_free(&positive);
+    buckets_free(&negative);
+    return result;
+}
+
+static PyMethodDef module_methods[] = {
+    {"sketch_bytes", (PyCFunction)(void (*)(void))sketch_bytes, METH_FASTCALL,
+     "sketch_bytes(values, low, high, inv_log_gamma, max_buckets) -> bytes or None: "
+     "sketch.sketch_bytes of an unsampled timer's values."},
+    {"merge_sketches", (PyCFunction)(void (*)(void))merge_sketches, METH_FASTCALL,
+     "merge_sketches(blobs, max_buckets) -> bytes or None: the merged serialized sketch."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef sketchfast_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "aggregator._sketchfast",
+    .m_doc = "The flush's sketch serialization and merging in C (see sketch.py).",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__sketchfast(void)
+{
+    return PyModule_Create(&sketchfast_module);
+}

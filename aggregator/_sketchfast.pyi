@@ -1,0 +1,6 @@
+from collections.abc import Sequence
+
+def sketch_bytes(
+    values: Sequence[float], low: float, high: float, inv_log_gamma: float, max_buckets: int
+) -> bytes | None: ...
+def merge_sketches(blobs: list[bytes], max_buckets: int) -> bytes | None: ...

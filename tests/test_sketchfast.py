@@ -1,0 +1,219 @@
+"""The C sketch path (aggregator/_sketchfast.c) against the Python one it stands in for.
+
+``sketch_bytes`` and ``merge_sketches`` must return the very bytes of
+``sketch._sketch_bytes`` and ``sketch._merge_small_sketches``, or None where
+they leave the case to Python (then the Python path's answer, or its error,
+is what the caller gets). Every plain case must be taken in C: a C path that
+always said None would pass the byte comparison and buy nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator import sketch
+from aggregator.fastpath import sketch_native
+from aggregator.sketch import MAX_BUCKETS, Sketch, merge_blobs
+
+if sketch_native is None:
+    if os.environ.get("CI"):
+        pytest.fail("the C sketch path is not built (pip install -e . builds it)")
+    pytest.skip("the C sketch path is not built (no C compiler?)", allow_module_level=True)
+
+native = sketch_native
+
+
+def c_sketch_bytes(values: object, low: object, high: object) -> bytes | None:
+    return native.sketch_bytes(values, low, high, sketch._INV_LOG_GAMMA, MAX_BUCKETS)  # type: ignore[arg-type]
+
+
+#: value lists whose sketch C builds: (values)
+PLAIN_VALUES = {
+    "one": [5.0],
+    "few": [1.0, 2.0, 2.0, 250.5],
+    "zeros-and-negatives": [-4.0, -0.5, 0.0, -0.0, 0.0, 7.0],
+    "many-repeats": [float(i % 7) for i in range(100)],
+    "seventeen": [float(i) for i in range(17)],
+    "lognormal": [random.Random(3).lognormvariate(0, 2) for _ in range(500)],
+    "tiny-and-huge": [5e-324, 2.2250738585072014e-308, 1e-300, 1e300, 1.7976931348623157e308],
+    "bucket-edges": [sketch._GAMMA**i for i in range(-50, 50)],
+    "more-than-15-buckets": [1.01**i for i in range(40)],
+    "more-than-65535-ones": [1.0] * 70_000,
+    "at-the-bucket-cap": [1.0101**i for i in range(MAX_BUCKETS)],
+}
+
+#: value lists C leaves to Python: (values, low, high)
+PYTHON_VALUES = {
+    "over-the-bucket-cap": ([1.0101**i for i in range(MAX_BUCKETS + 1)], 1.0, 1e20),
+    "an-int": ([1.0, 2, 3.0], 1.0, 3.0),
+    "int-bounds": ([1.0, 2.0], 1, 2),
+    "nan": ([1.0, math.nan], 1.0, 1.0),
+    "inf": ([1.0, math.inf], 1.0, math.inf),
+    "a-tuple": ((1.0, 2.0), 1.0, 2.0),
+}
+
+
+@pytest.mark.parametrize("values", PLAIN_VALUES.values(), ids=PLAIN_VALUES.keys())
+def test_sketch_bytes_is_the_python_bytes(values: list[float]) -> None:
+    low, high = min(values), max(values)
+    fast = c_sketch_bytes(values, low, high)
+    assert fast is not None
+    assert fast == sketch._sketch_bytes(values, low, high)
+    assert fast == Sketch.from_values(values).to_bytes()
+
+
+@pytest.mark.parametrize(
+    ("values", "low", "high"), PYTHON_VALUES.values(), ids=PYTHON_VALUES.keys()
+)
+def test_sketch_bytes_leaves_the_rest_to_python(
+    values: list[float], low: float, high: float
+) -> None:
+    assert c_sketch_bytes(values, low, high) is None
+
+
+def test_sketch_bytes_bad_arguments() -> None:
+    with pytest.raises(TypeError):
+        native.sketch_bytes([1.0], 1.0, 1.0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        native.sketch_bytes([1.0], 1.0, 1.0, 1, MAX_BUCKETS)
+    with pytest.raises(TypeError):
+        native.merge_sketches((b"",), MAX_BUCKETS)  # type: ignore[arg-type]
+
+
+def packed(values: list[float], weights: list[float] | None = None) -> bytes:
+    return Sketch.from_values(values, weights).to_bytes()
+
+
+F64 = struct.Struct(">d")
+
+
+def raw_sketch(
+    zero: bytes, positive: bytes, negative: bytes = b"\x80", head: bytes = b"\x96\x01"
+) -> bytes:
+    """A hand-made blob: head, zero weight, min 1.0, max 2.0, then the two maps as given."""
+    return head + zero + b"\xcb" + F64.pack(1.0) + b"\xcb" + F64.pack(2.0) + positive + negative
+
+
+#: blob lists C merges
+PLAIN_MERGES = {
+    "unit-weights": [packed([1.0, 2.0, 2.0]), packed([2.0, 300.0])],
+    "zeros-and-negatives": [packed([0.0, -3.0]), packed([0.0, 0.0, -3.0, 4.0]), packed([-0.0])],
+    "a-dozen-windows": [packed([float(i), float(i * 7 % 11)]) for i in range(1, 13)],
+    "big-maps": [packed([1.01**i for i in range(300)]), packed([1.02**i for i in range(300)])],
+    "negative-indices": [packed([0.001, 0.5]), packed([1e-200, 0.75])],
+    "whole-weights-as-floats-in-sketch": [packed([1.0, 2.0], [2.0, 3.0]), packed([1.0])],
+    "weights-just-under-2**53": [packed([1.0], [2.0**52]), packed([1.0], [2.0**52 - 1])],
+    "every-int-width": [
+        raw_sketch(
+            b"\x05", b"\x83\x01\xcc\xc8\xd0\x80\xcd\x01\x2c\xd1\xff\x00\xce\x00\x01\x00\x00"
+        ),
+        raw_sketch(
+            b"\xcc\xff", b"\x82\xd2\xff\xff\x00\x00\x01\xd3\xff\xff\xff\xff\x00\x00\x00\x00\x02"
+        ),
+        raw_sketch(
+            b"\xcf\x00\x00\x00\x00\x00\x00\x00\x01", b"\x81\xe0\xcf\x00\x00\x00\x01\x00\x00\x00\x00"
+        ),
+    ],
+    "signed-zero-extremes": [packed([0.0]), packed([-0.0]), packed([-0.0, 0.0])],
+    "map16-headers": [raw_sketch(b"\x00", b"\xde\x00\x01\x01\x01"), packed([1.0])],
+    "nan-min": [
+        raw_sketch(b"\x00", b"\x80").replace(F64.pack(1.0), F64.pack(math.nan)),
+        packed([3.0]),
+    ],
+}
+
+#: blob lists C leaves to Python
+PYTHON_MERGES = {
+    "fractional-weights": [packed([1.0, 5.0], [0.5, 2.5]), packed([5.0], [1.0])],
+    "sum-reaches-2**53": [packed([1.0], [2.0**52]), packed([1.0], [2.0**52])],
+    "zero-weights-reach-2**53": [packed([0.0], [2.0**52]), packed([0.0], [2.0**52])],
+    "over-the-bucket-cap": [
+        packed([1.0075**i for i in range(0, 2 * MAX_BUCKETS, 2)]),
+        packed([1.0075**i for i in range(1, 2 * MAX_BUCKETS, 2)]),
+    ],
+    "a-bucket-twice-in-one-blob": [raw_sketch(b"\x00", b"\x82\x01\x01\x01\x02"), packed([1.0])],
+    "version-2": [packed([1.0]), raw_sketch(b"\x00", b"\x80", head=b"\x96\x02")],
+    "array16-head": [packed([1.0]), raw_sketch(b"\x00", b"\x80", head=b"\xdc\x00\x06\x01")],
+    "float32-min": [
+        packed([1.0]),
+        b"\x96\x01\x00\xca" + struct.pack(">f", 1.0) + b"\xcb" + F64.pack(2.0) + b"\x80\x80",
+    ],
+    "int-min": [packed([1.0]), b"\x96\x01\x00\x01\xcb" + F64.pack(2.0) + b"\x80\x80"],
+    "negative-weight": [packed([1.0]), raw_sketch(b"\x00", b"\x81\x01\xff")],
+    "uint64-key-over-int64": [
+        packed([1.0]),
+        raw_sketch(b"\x00", b"\x81\xcf\xff\xff\xff\xff\xff\xff\xff\xff\x01"),
+    ],
+    "text-key": [packed([1.0]), raw_sketch(b"\x00", b"\x81\xa1a\x01")],
+    "truncated": [packed([1.0]), packed([1.0, 2.0])[:-3]],
+    "trailing-byte": [packed([1.0]), packed([2.0]) + b"\x00"],
+    "empty": [packed([1.0]), b""],
+    "not-bytes": [packed([1.0]), bytearray(packed([1.0]))],
+    "not-a-sketch": [packed([1.0]), msgpack.packb([1, 0, ["a"]])],
+}
+
+
+@pytest.mark.parametrize("blobs", PLAIN_MERGES.values(), ids=PLAIN_MERGES.keys())
+def test_merge_is_the_python_bytes(blobs: list[bytes]) -> None:
+    for order in (blobs, blobs[::-1]):
+        fast = native.merge_sketches(order, MAX_BUCKETS)
+        assert fast is not None
+        assert fast == sketch._merge_small_sketches(order)
+
+
+@pytest.mark.parametrize("blobs", PYTHON_MERGES.values(), ids=PYTHON_MERGES.keys())
+def test_merge_leaves_the_rest_to_python(blobs: list[bytes]) -> None:
+    assert native.merge_sketches(blobs, MAX_BUCKETS) is None
+    assert native.merge_sketches(blobs[::-1], MAX_BUCKETS) is None
+
+
+def test_merge_blobs_still_decides_what_c_leaves() -> None:
+    """What C declines, merge_blobs answers (or refuses) as the Python path does."""
+    fractional = PYTHON_MERGES["fractional-weights"]
+    assert merge_blobs("ms", fractional) == sketch._merge_small_sketches(fractional)
+    with pytest.raises(ValueError):
+        merge_blobs("ms", PYTHON_MERGES["version-2"])
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(finite, st.sampled_from([0.0, -0.0, 1.0, 2.5, 1e-9])), min_size=1, max_size=80
+    )
+)
+def test_sketch_bytes_of_any_finite_values(values: list[float]) -> None:
+    low, high = min(values), max(values)
+    assert c_sketch_bytes(values, low, high) == sketch._sketch_bytes(values, low, high)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.one_of(finite, st.just(0.0)), min_size=1, max_size=30),
+            st.one_of(st.none(), st.integers(1, 5)),
+        ),
+        min_size=2,
+        max_size=14,
+    )
+)
+def test_merge_of_any_unit_or_whole_weight_sketches(
+    windows: list[tuple[list[float], int | None]],
+) -> None:
+    blobs = [
+        packed(values, None if weight is None else [float(weight)] * len(values))
+        for values, weight in windows
+    ]
+    fast = native.merge_sketches(blobs, MAX_BUCKETS)
+    assert fast == sketch._merge_small_sketches(blobs)
