@@ -212,19 +212,38 @@ class Daemon:
         started: float,
         merge: tuple[Sequence[concurrent.futures.Future[Report]], Budget] | None = None,
     ) -> None:
-        """Runs in the writer thread: merge the workers' windows, snapshot, one transaction."""
+        """Runs in the writer thread: merge the workers' windows, snapshot, one transaction.
+
+        Where the time went is kept per phase (``last_flush_phases``): queued
+        behind the previous flush, waiting for the workers' windows and
+        unpickling them, merging them, the snapshot, /metrics and carbon,
+        and the SQLite transaction.
+        """
         totals = self.selfstats.totals
+        phases: dict[str, float] = {}
+        mark = started
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = self.clock()
+            phases[name] = round(now - mark, 6)
+            mark = now
+
+        phase("queued")
         try:
             if merge is not None:
-                self._merge_reports(closed, events, checks, gauges, *merge)
+                self._merge_reports(closed, events, checks, gauges, *merge, phase)
             rollups: list[Rollup] = []
             for window in closed:
                 rollups.extend(snapshot(window, self.config.percentiles))
+            phase("snapshot")
             self.outputs.publish(closed, rollups)
+            phase("outputs")
             state = {"gauges": encode_gauges(gauges)}
             batch = Batch([w.start for w in closed], rollups, events, checks, state)
             if not self.durable.write(batch):
                 totals.flush_errors += 1  # parked in the spool: stored later, in order
+            phase("store")
         except Exception:
             totals.flush_errors += 1
             log.exception("flush failed")
@@ -233,6 +252,7 @@ class Daemon:
             totals.flushes += 1
             totals.last_flush_at = self.clock()
             totals.last_flush_seconds = totals.last_flush_at - started
+            totals.last_flush_phases = phases
 
     def _merge_reports(
         self,
@@ -242,6 +262,7 @@ class Daemon:
         gauges: dict[SeriesKey, float],
         reports: Sequence[concurrent.futures.Future[Report]],
         budget: Budget,
+        phase: Callable[[str], None],
     ) -> None:
         """Writer thread: fold each worker's windows into the flush, under its limits.
 
@@ -259,11 +280,13 @@ class Daemon:
             parts.extend(report.closed_windows())
             events.extend(report.events)
             checks.extend(report.checks)
+        phase("workers")
         moved = merge_worker_windows(closed, parts, budget.admit)
         if moved:
             gauges.update(moved)
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self.aggregator.carry_gauges, moved)
+        phase("merge")
 
     def _stored(self, batch: Batch) -> None:
         """Writer thread: a flush (fresh or parked) reached SQLite; tell the event stream."""
@@ -360,6 +383,7 @@ class Daemon:
             "flush_errors": totals.flush_errors,
             "last_flush_at": totals.last_flush_at,
             "last_flush_seconds": round(totals.last_flush_seconds, 6),
+            "last_flush_phases": totals.last_flush_phases,
             **self.selfstats.live_totals(),
             "series": self.aggregator.series_count,
             **self.ops.health(),

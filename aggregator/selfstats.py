@@ -36,6 +36,8 @@ class Totals:
     bad_lines: int = 0
     flushes: int = 0
     last_flush_seconds: float = 0.0
+    #: where last_flush_seconds went: phase -> seconds (see Daemon._write)
+    last_flush_phases: dict[str, float] = field(default_factory=dict)
     last_flush_at: float = 0.0
     flush_errors: int = 0
 

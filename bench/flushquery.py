@@ -93,7 +93,7 @@ def _send_lines(daemon: daemons.Ours, corpus: workloads.Corpus, rate: float) -> 
 
 
 def flush_costs(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
-    sizes = [1_000, 10_000] if args.smoke else [10_000, 100_000, 1_000_000]
+    sizes = args.flush_sizes
     interval = 2 if args.smoke else 10
     fill_rate = 20_000.0 if args.smoke else 50_000.0
     rows = []
@@ -128,9 +128,11 @@ def flush_costs(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, 
             "lines_sent": sent,
             "lines_received": received,
             "flush_seconds": after["last_flush_seconds"],
+            "flush_phases": after["last_flush_phases"],
             "again_lines_sent": again_sent,
             "again_lines_received": again["lines_received"] - after["lines_received"],
             "again_flush_seconds": again["last_flush_seconds"],
+            "again_flush_phases": again["last_flush_phases"],
             "flush_interval": interval_here,
             "peak_rss_mib": round(memory["VmHWM"] / 1024),
         }

@@ -424,6 +424,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="lines/s offered across the 100k-series flush (default: half ours on (a))",
     )
     parser.add_argument(
+        "--flush-series",
+        help="flush section: active series per measurement (default 10000,100000,1000000)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=0,
@@ -445,6 +449,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--workloads: unknown workload {key!r} (a, b, c, d, e)")
     args.daemon_kinds = [k.strip() for k in args.daemons.split(",") if k.strip()]
     args.section_names = {s.strip() for s in args.sections.split(",") if s.strip()}
+    default_sizes = "1000,10000" if smoke else "10000,100000,1000000"
+    try:
+        args.flush_sizes = [int(n) for n in (args.flush_series or default_sizes).split(",")]
+    except ValueError:
+        parser.error("--flush-series: comma-separated numbers of series")
     if args.trials < 1 or args.trials > 20:
         parser.error("--trials: 1 to 20")
     return args

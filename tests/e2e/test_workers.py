@@ -72,6 +72,17 @@ def test_workers_read_every_type_exactly(start_daemon: DaemonFactory, tmp_path: 
     health = d.wait_health("lines_received", 5 * 600 + 50 + 10)
     assert health["packets_received"] >= 600 + 50
     assert health["bad_lines"] == 0
+    # where the last flush's time went, phase by phase, adds up to it (a read
+    # that falls between the writer's two updates is read again)
+    def phases_add_up() -> dict[str, float] | None:
+        health = d.health()
+        phases: dict[str, float] = health["last_flush_phases"]
+        total = sum(phases.values())
+        return phases if abs(total - health["last_flush_seconds"]) < 1e-4 else None
+
+    phases = wait_for(phases_add_up, what="last_flush_phases to add up to last_flush_seconds")
+    assert list(phases) == ["queued", "workers", "merge", "snapshot", "outputs", "store"]
+    assert min(phases.values()) >= 0.0
 
 
 def test_a_gauge_carries_across_windows_and_workers(
