@@ -9,10 +9,15 @@
  * bucket, as sketch._merge_small_sketches does: buckets in the order they
  * first appear, min of the mins, max of the maxes.
  *
- * Both return the very bytes of the Python path, or None where that path
+ * merge_sets(blobs, limit) unions exact set states, as
+ * sketch._merge_exact_sets does: the distinct members, sorted. Only for
+ * ASCII members, whose byte order is Python's string order.
+ *
+ * All three return the very bytes of the Python path, or None where that path
  * must decide: a value that is not a finite float, a blob that is not the
  * plain form (every weight a whole number below 2**53, floats as float64,
- * canonical msgpack), more than max_buckets buckets for a sign. Python then
+ * canonical msgpack), more than max_buckets buckets for a sign, a member
+ * that is not ASCII text, more than limit members. Python then
  * takes the slow path, which raises or folds as it always did.
  * tests/test_sketchfast.py holds the two paths to the same bytes.
  */
@@ -472,12 +477,233 @@ finally:
     return result;
 }
 
+/* ------------------------------------------------------------ merge_sets */
+
+typedef struct {
+    const unsigned char *text;
+    Py_ssize_t len;
+} Member;
+
+static int
+member_order(const void *a, const void *b)
+{
+    const Member *x = a, *y = b;
+    int c = memcmp(x->text, y->text, (size_t)(x->len < y->len ? x->len : y->len));
+    if (c != 0)
+        return c;
+    return x->len < y->len ? -1 : x->len > y->len;
+}
+
+static uint64_t
+member_hash(const unsigned char *text, Py_ssize_t len)
+{
+    uint64_t h = UINT64_C(14695981039346656037);
+    for (Py_ssize_t i = 0; i < len; i++)
+        h = (h ^ text[i]) * UINT64_C(1099511628211);
+    return h;
+}
+
+/* One ASCII str element. 1: read; 0: anything else (Python decides). */
+static int
+read_ascii_str(Reader *r, Member *out)
+{
+    if (r->at >= r->end)
+        return 0;
+    unsigned char tag = *r->at;
+    Py_ssize_t len;
+    int size = 0;
+    if ((tag & 0xe0) == 0xa0)
+        len = tag & 0x1f;
+    else if (tag >= 0xd9 && tag <= 0xdb)
+        size = 1 << (tag - 0xd9);
+    else
+        return 0;
+    if (r->end - r->at < 1 + size)
+        return 0;
+    if (size)
+        len = (Py_ssize_t)read_be(r->at + 1, size);
+    r->at += 1 + size;
+    if (r->end - r->at < len)
+        return 0;
+    for (Py_ssize_t i = 0; i < len; i++)
+        if (r->at[i] >= 0x80)
+            return 0; /* text order and byte order agree for ASCII only: Python sorts */
+    out->text = r->at;
+    out->len = len;
+    r->at += len;
+    return 1;
+}
+
+typedef struct {
+    Member *members;     /* distinct, in first-seen order */
+    Py_ssize_t used;
+    Py_ssize_t limit;    /* more distinct members than this: Python decides */
+    int32_t *slots;      /* open addressing over positions; -1 marks empty */
+    Py_ssize_t mask;
+} MemberSet;
+
+/* 1: added or already there; 0: over the limit; -1: an error is set. */
+static int
+member_set_add(MemberSet *set, Member m)
+{
+    Py_ssize_t i = (Py_ssize_t)(member_hash(m.text, m.len) & (uint64_t)set->mask);
+    for (;;) {
+        int32_t p = set->slots[i];
+        if (p < 0)
+            break;
+        Member *known = &set->members[p];
+        if (known->len == m.len && memcmp(known->text, m.text, (size_t)m.len) == 0)
+            return 1;
+        i = (i + 1) & set->mask;
+    }
+    if (set->used == set->limit)
+        return 0;
+    set->members[set->used] = m;
+    set->slots[i] = (int32_t)set->used++;
+    return 1;
+}
+
+/* Fold one exact set blob in. 1: done; 0: not the plain form; -1: error set. */
+static int
+merge_set_blob(PyObject *blob, MemberSet *set)
+{
+    if (!PyBytes_Check(blob))
+        return 0;
+    Reader r = {(const unsigned char *)PyBytes_AS_STRING(blob),
+                (const unsigned char *)PyBytes_AS_STRING(blob) + PyBytes_GET_SIZE(blob)};
+    if (r.end - r.at < 4 || r.at[0] != 0x93 || r.at[1] != 0x01 || r.at[2] != 0x00)
+        return 0;
+    r.at += 3;
+    unsigned char tag = *r.at;
+    Py_ssize_t count;
+    if ((tag & 0xf0) == 0x90) {
+        count = tag & 0x0f;
+        r.at++;
+    } else if (tag == 0xdc || tag == 0xdd) {
+        int size = tag == 0xdc ? 2 : 4;
+        if (r.end - r.at < 1 + size)
+            return 0;
+        count = (Py_ssize_t)read_be(r.at + 1, size);
+        r.at += 1 + size;
+    } else {
+        return 0;
+    }
+    for (Py_ssize_t k = 0; k < count; k++) {
+        Member m;
+        if (!read_ascii_str(&r, &m))
+            return 0;
+        int done = member_set_add(set, m);
+        if (done <= 0)
+            return done;
+    }
+    return r.at == r.end;
+}
+
+static unsigned char *
+write_str(unsigned char *p, const Member *m)
+{
+    if (m->len < 32) {
+        *p++ = (unsigned char)(0xa0 | m->len);
+    } else if (m->len < 0x100) {
+        *p++ = 0xd9;
+        p = write_be(p, (uint64_t)m->len, 1);
+    } else if (m->len < 0x10000) {
+        *p++ = 0xda;
+        p = write_be(p, (uint64_t)m->len, 2);
+    } else {
+        *p++ = 0xdb;
+        p = write_be(p, (uint64_t)m->len, 4);
+    }
+    memcpy(p, m->text, (size_t)m->len);
+    return p + m->len;
+}
+
+/* msgpack [1, 0, [members sorted]], as SetState.to_bytes packs an exact set. */
+static PyObject *
+pack_members(Member *members, Py_ssize_t n)
+{
+    qsort(members, (size_t)n, sizeof(Member), member_order);
+    Py_ssize_t most = 3 + 5;
+    for (Py_ssize_t i = 0; i < n; i++)
+        most += 5 + members[i].len;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, most);
+    if (out == NULL)
+        return NULL;
+    unsigned char *start = (unsigned char *)PyBytes_AS_STRING(out);
+    unsigned char *p = start;
+    *p++ = 0x93;
+    *p++ = 0x01;
+    *p++ = 0x00;
+    if (n < 16) {
+        *p++ = (unsigned char)(0x90 | n);
+    } else if (n < 0x10000) {
+        *p++ = 0xdc;
+        p = write_be(p, (uint64_t)n, 2);
+    } else {
+        *p++ = 0xdd;
+        p = write_be(p, (uint64_t)n, 4);
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        p = write_str(p, &members[i]);
+    if (_PyBytes_Resize(&out, (Py_ssize_t)(p - start)) < 0)
+        return NULL;
+    return out;
+}
+
+static PyObject *
+merge_sets(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "merge_sets(blobs: list, limit)");
+        return NULL;
+    }
+    PyObject *blobs = args[0];
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    if (limit < 0 || limit > (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "limit must be 0..2**24");
+        return NULL;
+    }
+    MemberSet set = {NULL, 0, limit, NULL, 0};
+    Py_ssize_t slots = 16;
+    while (slots < 2 * (limit + 1))
+        slots *= 2;
+    set.mask = slots - 1;
+    set.members = PyMem_Malloc(sizeof(Member) * (size_t)(limit + 1));
+    set.slots = PyMem_Malloc(sizeof(int32_t) * (size_t)slots);
+    PyObject *result = NULL;
+    if (set.members == NULL || set.slots == NULL) {
+        PyErr_NoMemory();
+        goto finally;
+    }
+    memset(set.slots, 0xff, sizeof(int32_t) * (size_t)slots);
+    int done = 1;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(blobs) && done > 0; i++)
+        done = merge_set_blob(PyList_GET_ITEM(blobs, i), &set);
+    if (done < 0)
+        goto finally;
+    if (done == 0) {
+        result = Py_NewRef(Py_None);
+        goto finally;
+    }
+    /* the members point into the blobs, which the list holds until we return */
+    result = pack_members(set.members, set.used);
+finally:
+    PyMem_Free(set.members);
+    PyMem_Free(set.slots);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"sketch_bytes", (PyCFunction)(void (*)(void))sketch_bytes, METH_FASTCALL,
      "sketch_bytes(values, low, high, inv_log_gamma, max_buckets) -> bytes or None: "
      "sketch.sketch_bytes of an unsampled timer's values."},
     {"merge_sketches", (PyCFunction)(void (*)(void))merge_sketches, METH_FASTCALL,
      "merge_sketches(blobs, max_buckets) -> bytes or None: the merged serialized sketch."},
+    {"merge_sets", (PyCFunction)(void (*)(void))merge_sets, METH_FASTCALL,
+     "merge_sets(blobs, limit) -> bytes or None: the union of exact set states of ASCII "
+     "members, while it has at most limit members."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -536,7 +536,11 @@ def merge_blobs(type_code: str, blobs: Iterable[bytes | None]) -> bytes | None:
             sketch.merge(Sketch.from_bytes(blob))
         return sketch.to_bytes()
     if type_code == SET:
-        merged = _merge_exact_sets(present)
+        merged = None
+        if sketch_native is not None:
+            merged = sketch_native.merge_sets(present, SET_EXACT_LIMIT)
+        if merged is None:
+            merged = _merge_exact_sets(present)
         if merged is not None:
             return merged
         state = SetState.from_bytes(present[0])

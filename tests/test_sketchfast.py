@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from aggregator import sketch
 from aggregator.fastpath import sketch_native
-from aggregator.sketch import MAX_BUCKETS, Sketch, merge_blobs
+from aggregator.sketch import MAX_BUCKETS, SET_EXACT_LIMIT, SetState, Sketch, merge_blobs
 
 if sketch_native is None:
     if os.environ.get("CI"):
@@ -217,3 +217,72 @@ def test_merge_of_any_unit_or_whole_weight_sketches(
     ]
     fast = native.merge_sketches(blobs, MAX_BUCKETS)
     assert fast == sketch._merge_small_sketches(blobs)
+
+
+def sets(*members: list[str]) -> list[bytes]:
+    return [SetState.from_members(m).to_bytes() for m in members]
+
+
+#: exact set states C unions
+PLAIN_SET_MERGES = {
+    "overlapping": sets(["a", "b"], ["b", "c"], ["a"]),
+    "empty-ones": sets([], ["x"], []),
+    "all-empty": sets([], []),
+    "prefixes-and-lengths": sets(["ab", "a", "abc"], ["", "b", "aa"]),
+    "str8-str16": sets(["k" * 31, "k" * 32, "k" * 255], ["k" * 256, "k" * 70_000]),
+    "more-than-15-members": sets([f"u{i}" for i in range(20)], [f"u{i}" for i in range(10, 40)]),
+    "up-to-the-exact-limit": sets(
+        [str(i) for i in range(SET_EXACT_LIMIT // 2)],
+        [str(i) for i in range(SET_EXACT_LIMIT // 2, SET_EXACT_LIMIT)],
+    ),
+    "array16-of-few": [msgpack.packb([1, 0, ["b", "a"]])[:3] + b"\xdc\x00\x02\xa1b\xa1a"],
+}
+
+#: set states C leaves to Python
+PYTHON_SET_MERGES = {
+    "non-ascii": sets(["é"], ["e"]),
+    "over-the-exact-limit": sets(
+        [str(i) for i in range(SET_EXACT_LIMIT)], [str(-i) for i in range(1, 3)]
+    ),
+    "a-hyperloglog": sets([str(i) for i in range(SET_EXACT_LIMIT + 1)], ["a"]),
+    "a-bin-member": [msgpack.packb([1, 0, [b"a"]], use_bin_type=True), *sets(["a"])],
+    "an-int-member": [msgpack.packb([1, 0, [1]]), *sets(["a"])],
+    "version-2": [msgpack.packb([2, 0, ["a"]]), *sets(["a"])],
+    "trailing-byte": [sets(["a"])[0] + b"\x00", *sets(["b"])],
+    "truncated": [sets(["abc"])[0][:-1], *sets(["b"])],
+    "not-bytes": [bytearray(sets(["a"])[0]), *sets(["b"])],
+}
+
+
+@pytest.mark.parametrize("blobs", PLAIN_SET_MERGES.values(), ids=PLAIN_SET_MERGES.keys())
+def test_set_merge_is_the_python_bytes(blobs: list[bytes]) -> None:
+    for order in (blobs, blobs[::-1]):
+        fast = native.merge_sets(order, SET_EXACT_LIMIT)
+        assert fast is not None
+        assert fast == sketch._merge_exact_sets(order)
+
+
+@pytest.mark.parametrize("blobs", PYTHON_SET_MERGES.values(), ids=PYTHON_SET_MERGES.keys())
+def test_set_merge_leaves_the_rest_to_python(blobs: list[bytes]) -> None:
+    assert native.merge_sets(blobs, SET_EXACT_LIMIT) is None
+    assert native.merge_sets(blobs[::-1], SET_EXACT_LIMIT) is None
+
+
+def test_set_merge_bad_arguments() -> None:
+    with pytest.raises(TypeError):
+        native.merge_sets((b"",), SET_EXACT_LIMIT)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        native.merge_sets([], -1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.text(st.characters(min_codepoint=0, max_codepoint=127), max_size=40)),
+        min_size=2,
+        max_size=12,
+    )
+)
+def test_set_merge_of_any_ascii_members(members: list[list[str]]) -> None:
+    blobs = sets(*members)
+    assert native.merge_sets(blobs, SET_EXACT_LIMIT) == sketch._merge_exact_sets(blobs)
