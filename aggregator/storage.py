@@ -140,8 +140,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import groupby, repeat
-from operator import add, itemgetter
+from itertools import compress, groupby, repeat
+from operator import add, itemgetter, le
 from typing import Any, Protocol
 
 import sqlite_utils
@@ -1372,39 +1372,52 @@ class _Writer:
     def _note_seen(self, rows: list[tuple[Any, ...]]) -> None:
         """Move first_seen/last_seen, last_seen coarsely: rewriting every series
         row on every flush would cost as much as writing the rollups.  Runs per
-        window written (usually one), with the per-row work in C."""
+        window written (usually one), with the per-row work in C; only the few
+        series and metrics whose stored values move cost Python."""
         seen = self.series_seen
+        by_id = self.metric_by_id
         series_rows: list[tuple[int, int]] = []
-        metric_span: dict[int, list[int]] = {}
+        windows: list[tuple[int, set[int]]] = []
+        moving: set[int] = set()
         for ts, group in groupby(rows, key=_TS):  # sorted by ts
-            window = list(group)
-            for metric_id in set(map(_METRIC_ID, window)):
+            window = rows if rows[0][1] == rows[-1][1] else list(group)
+            sids = list(map(_SERIES_ID, window))
+            due = ts - SERIES_SEEN_EVERY
+            stale = list(compress(sids, map(le, map(seen.__getitem__, sids), repeat(due))))
+            seen.update(zip(stale, repeat(ts)))
+            series_rows.extend(zip(repeat(ts), stale))
+            mids = set(map(_METRIC_ID, window))
+            windows.append((ts, mids))
+            infos = list(map(by_id.__getitem__, mids))
+            moving.update(
+                info.id
+                for info in infos
+                if ts >= info.last_seen + METRIC_SEEN_EVERY or ts < info.first_seen
+            )
+        if series_rows:
+            self.conn.executemany(
+                "UPDATE series SET last_seen = max(last_seen, ?) WHERE id = ?", series_rows
+            )
+        if not moving:
+            return
+        metric_span: dict[int, list[int]] = {}
+        for ts, mids in windows:
+            for metric_id in moving & mids:
                 span = metric_span.get(metric_id)
                 if span is None:
                     metric_span[metric_id] = [ts, ts]
                 else:
                     span[1] = ts
-            due = ts - SERIES_SEEN_EVERY
-            stale = [sid for sid in map(_SERIES_ID, window) if seen[sid] <= due]
-            for series_id in stale:
-                seen[series_id] = ts
-                series_rows.append((ts, series_id))
-        if series_rows:
-            self.conn.executemany(
-                "UPDATE series SET last_seen = max(last_seen, ?) WHERE id = ?", series_rows
-            )
         metric_rows = []
         for metric_id, (first, last) in metric_span.items():
-            info = self.metric_by_id[metric_id]
+            info = by_id[metric_id]
             moved = last >= info.last_seen + METRIC_SEEN_EVERY
-            if moved or first < info.first_seen:
-                info.first_seen = min(info.first_seen, first)
-                info.last_seen = last if moved else info.last_seen
-                metric_rows.append((info.first_seen, info.last_seen, metric_id))
-        if metric_rows:
-            self.conn.executemany(
-                "UPDATE metrics SET first_seen = ?, last_seen = ? WHERE id = ?", metric_rows
-            )
+            info.first_seen = min(info.first_seen, first)
+            info.last_seen = last if moved else info.last_seen
+            metric_rows.append((info.first_seen, info.last_seen, metric_id))
+        self.conn.executemany(
+            "UPDATE metrics SET first_seen = ?, last_seen = ? WHERE id = ?", metric_rows
+        )
 
     def _advance_written(self, end: int) -> None:
         """Tier 0's watermark: the end of the latest window written, never in the future."""
