@@ -318,14 +318,45 @@ class Exposition:
         ``touched_gauges`` are the gauges that received samples in this
         flush; the other gauge rollups are persisted values carried over,
         which refresh a gauge's value but not its age (on the first flush
-        after a start they bring restored gauges in).
+        after a start they bring restored gauges in). Runs once per series
+        per flush: one loop, each rollup unpacked as the tuple it is.
         """
         with self._lock:
             now = self.clock()
             touched = set(touched_gauges)
             entries = self._entries
-            for rollup in rollups:
-                self._fold(entries, rollup, now, touched)
+            get = entries.get
+            first = self._first
+            for name, kind, tags, start, count, total, _, _, last, _, quantiles in rollups:
+                key = (name, kind, tags)
+                entry = get(key)
+                if kind == GAUGE:
+                    fresh = first or key in touched
+                    if entry is None:
+                        if fresh:
+                            entries[key] = _Entry(key, last, now, start)
+                    elif start >= entry.window:
+                        entry.value = last
+                        entry.window = start
+                        if fresh:
+                            entry.seen = now
+                    continue
+                if entry is None:
+                    entry = entries[key] = _Entry(key, 0.0, now, start)
+                entry.seen = now
+                latest = start >= entry.window
+                if latest:
+                    entry.window = start
+                if kind == COUNTER:
+                    entry.value += total
+                elif kind == SET:
+                    if latest:
+                        entry.value = count
+                elif kind in DISTRIBUTION_TYPES:
+                    entry.value += total
+                    entry.count += count
+                    if latest:
+                        entry.quantiles = quantiles
             self._first = False
             if self.expire_after > 0:
                 oldest = now - self.expire_after
@@ -342,37 +373,3 @@ class Exposition:
                 self.dropped = result.dropped
                 self._body = render(result.families).encode()
             return self._body
-
-    def _fold(
-        self, entries: dict[SeriesKey, _Entry], rollup: Rollup, now: float, touched: set[SeriesKey]
-    ) -> None:
-        key = (rollup.name, rollup.type, rollup.tags)
-        entry = entries.get(key)
-        kind = rollup.type
-        if kind == GAUGE:
-            fresh = key in touched or self._first
-            if entry is None:
-                if fresh:
-                    entries[key] = _Entry(key, rollup.last, now, rollup.start)
-            elif rollup.start >= entry.window:
-                entry.value = rollup.last
-                entry.window = rollup.start
-                if fresh:
-                    entry.seen = now
-            return
-        if entry is None:
-            entry = entries[key] = _Entry(key, 0.0, now, rollup.start)
-        entry.seen = now
-        latest = rollup.start >= entry.window
-        if latest:
-            entry.window = rollup.start
-        if kind == COUNTER:
-            entry.value += rollup.sum
-        elif kind == SET:
-            if latest:
-                entry.value = rollup.count
-        elif kind in DISTRIBUTION_TYPES:
-            entry.value += rollup.sum
-            entry.count += rollup.count
-            if latest:
-                entry.quantiles = rollup.quantiles
