@@ -8,7 +8,7 @@ cost, in a few seconds and with less noise:
   on the pure one) over a workload's corpus, datagrams handed over in
   batches as the UDP listener does (lines/s);
 - flush: for N active series (the workload-(d) mix, SAMPLES values each per
-  window), ``aggregate.snapshot`` and ``Storage.write`` of a first window
+  window, in a seeded random order), ``aggregate.snapshot`` and ``Storage.write`` of a first window
   (which creates the series), of the windows after it, and of the window
   that completes a minute (whose write also compacts the 1-minute tier).
 
@@ -95,6 +95,10 @@ def window_samples(series: int, per_series: int, seed: int = 1) -> list[Sample]:
             member = f"u{rng.randint(1, 50)}"
             value: float | str = member if kind == "s" else float(rng.randint(1, 9))
             samples.append(Sample(name, kind, (), value))
+    # traffic arrives in no order: series sorted by name would flatter the
+    # snapshot's sort and every dict walk after it (0.53 s against 0.74-0.86 s
+    # for a later window at 100k series)
+    rng.shuffle(samples)
     return samples
 
 
