@@ -1372,8 +1372,9 @@ class _Writer:
     def _note_seen(self, rows: list[tuple[Any, ...]]) -> None:
         """Move first_seen/last_seen, last_seen coarsely: rewriting every series
         row on every flush would cost as much as writing the rollups.  Runs per
-        window written (usually one), with the per-row work in C; only the few
-        series and metrics whose stored values move cost Python."""
+        window written (usually one): the per-series check in C, one
+        comparison per metric, and Python work only for the few series and
+        metrics whose stored values move."""
         seen = self.series_seen
         by_id = self.metric_by_id
         series_rows: list[tuple[int, int]] = []
@@ -1388,10 +1389,9 @@ class _Writer:
             series_rows.extend(zip(repeat(ts), stale))
             mids = set(map(_METRIC_ID, window))
             windows.append((ts, mids))
-            infos = list(map(by_id.__getitem__, mids))
             moving.update(
                 info.id
-                for info in infos
+                for info in map(by_id.__getitem__, mids)
                 if ts >= info.last_seen + METRIC_SEEN_EVERY or ts < info.first_seen
             )
         if series_rows:
