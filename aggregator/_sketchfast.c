@@ -38,6 +38,7 @@ typedef struct {
     int64_t *weight;
     Py_ssize_t *seen_in;   /* the blob (or value) that last added to the bucket */
     Py_ssize_t used;
+    Py_ssize_t limit;      /* more buckets than this: Python decides (it folds them) */
     Py_ssize_t capacity;   /* of the three arrays above */
     int32_t *slots;        /* open addressing over positions; -1 marks empty */
     Py_ssize_t mask;       /* slot count - 1 */
@@ -53,9 +54,10 @@ buckets_free(Buckets *b)
 }
 
 static int
-buckets_init(Buckets *b)
+buckets_init(Buckets *b, Py_ssize_t limit)
 {
     memset(b, 0, sizeof(*b));
+    b->limit = limit;
     b->capacity = 32;
     b->mask = 63;
     b->index = PyMem_Malloc(sizeof(int64_t) * (size_t)b->capacity);
@@ -110,7 +112,8 @@ buckets_grow(Buckets *b)
 }
 
 /* Add weight to a bucket. 1: done; 0: not the plain form (a bucket twice in
- * one blob, or a sum too big for a float); -1: an error is set. */
+ * one blob, a sum too big for a float, more buckets than the limit); -1: an
+ * error is set. */
 static int
 buckets_add(Buckets *b, int64_t index, int64_t weight, Py_ssize_t blob)
 {
@@ -123,6 +126,8 @@ buckets_add(Buckets *b, int64_t index, int64_t weight, Py_ssize_t blob)
         b->seen_in[p] = blob;
         return b->weight[p] < EXACT_INT;
     }
+    if (b->used == b->limit)
+        return 0;
     if (b->used == b->capacity) {
         if (buckets_grow(b) < 0)
             return -1;
@@ -134,6 +139,26 @@ buckets_add(Buckets *b, int64_t index, int64_t weight, Py_ssize_t blob)
     b->seen_in[p] = blob;
     b->slots[i] = p;
     return 1;
+}
+
+/* The positive and negative bucket maps of one call, each of at most max_buckets. */
+static int
+buckets_pair_init(Buckets *positive, Buckets *negative, PyObject *max_buckets)
+{
+    Py_ssize_t limit = PyLong_AsSsize_t(max_buckets);
+    if (limit == -1 && PyErr_Occurred())
+        return -1;
+    if (limit < 0 || limit > (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "max_buckets must be 0..2**24");
+        return -1;
+    }
+    if (buckets_init(positive, limit) < 0)
+        return -1;
+    if (buckets_init(negative, limit) < 0) {
+        buckets_free(positive);
+        return -1;
+    }
+    return 0;
 }
 
 /* ------------------------------------------------------------ msgpack */
@@ -338,19 +363,12 @@ sketch_bytes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "inv_log_gamma must be a float");
         return NULL;
     }
-    Py_ssize_t max_buckets = PyLong_AsSsize_t(args[4]);
-    if (max_buckets == -1 && PyErr_Occurred())
-        return NULL;
     if (!PyList_Check(values) || !PyFloat_CheckExact(args[1]) || !PyFloat_CheckExact(args[2]))
         Py_RETURN_NONE;
     double inv_log_gamma = PyFloat_AS_DOUBLE(args[3]);
     Buckets positive, negative;
-    if (buckets_init(&positive) < 0)
+    if (buckets_pair_init(&positive, &negative, args[4]) < 0)
         return NULL;
-    if (buckets_init(&negative) < 0) {
-        buckets_free(&positive);
-        return NULL;
-    }
     PyObject *result = NULL;
     int64_t zero = 0;
     Py_ssize_t n = PyList_GET_SIZE(values);
@@ -362,19 +380,19 @@ sketch_bytes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         double value = PyFloat_AS_DOUBLE(item);
         if (!isfinite(value))
             break;
-        int done;
+        int done = 1;
         if (value > 0.0)
             done = buckets_add(&positive, (int64_t)ceil(log(value) * inv_log_gamma), 1, i);
         else if (value < 0.0)
             done = buckets_add(&negative, (int64_t)ceil(log(-value) * inv_log_gamma), 1, i);
-        else {
+        else
             zero++;
-            done = 1;
-        }
         if (done < 0)
             goto finally;
+        if (done == 0)
+            break;
     }
-    if (i < n || positive.used > max_buckets || negative.used > max_buckets) {
+    if (i < n) {
         result = Py_NewRef(Py_None);
         goto finally;
     }
@@ -448,16 +466,9 @@ merge_sketches(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *blobs = args[0];
-    Py_ssize_t max_buckets = PyLong_AsSsize_t(args[1]);
-    if (max_buckets == -1 && PyErr_Occurred())
-        return NULL;
     Buckets positive, negative;
-    if (buckets_init(&positive) < 0)
+    if (buckets_pair_init(&positive, &negative, args[1]) < 0)
         return NULL;
-    if (buckets_init(&negative) < 0) {
-        buckets_free(&positive);
-        return NULL;
-    }
     PyObject *result = NULL;
     int64_t zero = 0;
     double low = INFINITY, high = -INFINITY;
@@ -466,7 +477,7 @@ merge_sketches(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         done = merge_blob(PyList_GET_ITEM(blobs, i), i, &zero, &low, &high, &positive, &negative);
     if (done < 0)
         goto finally;
-    if (done == 0 || positive.used > max_buckets || negative.used > max_buckets) {
+    if (done == 0) {
         result = Py_NewRef(Py_None);
         goto finally;
     }

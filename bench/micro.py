@@ -8,9 +8,10 @@ cost, in a few seconds and with less noise:
   on the pure one) over a workload's corpus, datagrams handed over in
   batches as the UDP listener does (lines/s);
 - flush: for N active series (the workload-(d) mix, SAMPLES values each per
-  window, in a seeded random order), ``aggregate.snapshot`` and ``Storage.write`` of a first window
-  (which creates the series), of the windows after it, and of the window
-  that completes a minute (whose write also compacts the 1-minute tier).
+  window, in a seeded random order), ``aggregate.snapshot`` and
+  ``Storage.write`` of a first window (which creates the series), of the
+  windows after it, and of the window that completes a minute (whose write
+  also compacts the 1-minute tier).
 
     .venv/bin/python bench/micro.py                  # intake a,b,d,e; flush 100k
     .venv/bin/python bench/micro.py --series 10000 --sections flush

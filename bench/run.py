@@ -456,6 +456,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.flush_sizes = [int(n) for n in (args.flush_series or default_sizes).split(",")]
     except ValueError:
         parser.error("--flush-series: comma-separated numbers of series")
+    if not args.flush_sizes or min(args.flush_sizes) < 1:
+        parser.error("--flush-series: each number of series must be at least 1")
     if args.trials < 1 or args.trials > 20:
         parser.error("--trials: 1 to 20")
     return args

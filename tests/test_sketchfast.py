@@ -86,6 +86,10 @@ def test_sketch_bytes_bad_arguments() -> None:
         native.sketch_bytes([1.0], 1.0, 1.0, 1, MAX_BUCKETS)
     with pytest.raises(TypeError):
         native.merge_sketches((b"",), MAX_BUCKETS)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_buckets"):
+        native.merge_sketches([], -1)
+    with pytest.raises(ValueError, match="max_buckets"):
+        native.sketch_bytes([1.0], 1.0, 1.0, sketch._INV_LOG_GAMMA, 2**25)
 
 
 def packed(values: list[float], weights: list[float] | None = None) -> bytes:
