@@ -13,6 +13,14 @@ SO_REUSEPORT: the kernel spreads a SO_REUSEPORT group by the sender's
 address, so one busy client would land on a single worker; from one shared
 socket, whichever worker is free takes the next datagrams.
 
+At a swap a worker hands its closed window over in slices of at most
+``SLICE_SERIES`` series, each pickled on its own, and reads its sockets
+between two slices: pickling a 100k-series window in one piece held the
+socket unread for about 0.1 s, longer than a 32 MiB receive buffer lasts
+at 400k one-line datagrams a second (the kernel charges each datagram
+about 1 KiB of buffer). So every worker swaps at the same time, and the
+daemon merges the slices as it would whole windows.
+
 Daemon and worker talk over a socketpair in frames: an 8-byte length, then
 a pickle. Both ends are this program, and the pair is reachable by no one
 else. The daemon sends ``("init", settings)``, then ``("open", start)`` and
@@ -29,6 +37,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import pickle
@@ -38,7 +47,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .aggregate import ClosedWindow, WorkerAggregator
@@ -56,6 +65,8 @@ _LENGTH = struct.Struct(">Q")
 START_SECONDS = 30.0
 #: how long a worker whose channel closed gets to exit before it is reported
 SHUTDOWN_WAIT = 10.0
+#: series per slice of a window handed over (about 4 ms of pickling)
+SLICE_SERIES = 4096
 
 
 @dataclasses.dataclass(slots=True)
@@ -73,7 +84,7 @@ class Settings:
 class Report:
     """A worker's answer to a swap: its windows, and its counters since the last one."""
 
-    windows: bytes  # pickled list[ClosedWindow]; unpickled by the daemon's writer
+    windows: list[bytes]  # pickled slices (window_slices); unpickled by the daemon's writer
     listener: ListenerStats
     ingest: IngestStats
     drops: dict[str, int]
@@ -81,8 +92,27 @@ class Report:
     checks: list[tuple[ServiceCheck, int]] = dataclasses.field(default_factory=list)
 
     def closed_windows(self) -> list[ClosedWindow]:
-        windows: list[ClosedWindow] = pickle.loads(self.windows)
-        return windows
+        return [pickle.loads(piece) for piece in self.windows]
+
+
+def window_slices(windows: list[ClosedWindow], size: int) -> Iterator[ClosedWindow]:
+    """The windows cut into windows of at most ``size`` series of one kind each.
+
+    Each keeps its window's start and ``persisted``, so
+    ``merge_worker_windows`` folds the slices as it would the whole windows
+    (a series is in exactly one slice; a timer's weights go with it).
+    """
+    for window in windows:
+        empty = ClosedWindow(window.start, {}, {}, {}, {}, {}, window.persisted)
+        for kind in ("counters", "gauges", "sets"):
+            entries = iter(getattr(window, kind).items())
+            while piece := dict(itertools.islice(entries, size)):
+                yield dataclasses.replace(empty, **{kind: piece})
+        entries = iter(window.timers.items())
+        weights = window.weights
+        while timers := dict(itertools.islice(entries, size)):
+            theirs = {key: weights[key] for key in timers if key in weights} if weights else {}
+            yield dataclasses.replace(empty, timers=timers, weights=theirs)
 
 
 def _frame(message: Any) -> bytes:
@@ -127,10 +157,6 @@ class Workers:
         self._on_report = on_report
         #: called with a worker's pid and exit status (None: still running)
         self.on_exit: Callable[[int, int | None], None] = lambda pid, code: None
-        #: swaps not sent yet (see ``swap``), in order
-        self._queued: collections.deque[
-            tuple[_Channel, concurrent.futures.Future[Report], bytes]
-        ] = collections.deque()
 
     @classmethod
     async def start(
@@ -165,43 +191,19 @@ class Workers:
     ) -> list[concurrent.futures.Future[Report]]:
         """Ask every worker for its windows; the futures resolve as reports arrive.
 
-        The workers swap one after the other: each stops reading while it
-        pickles its window (about 0.1 s at 100k series), and the others go
-        on reading the shared socket meanwhile. A swap asked while the last
-        one is still under way sends the rest of that one at once (its
-        order per worker is kept). ``last``: each worker stops reading
-        when its turn comes, and exits after answering.
+        ``last``: each worker stops reading, and exits after answering.
         """
-        self._send_queued()  # a previous swap still under way: the rest of it goes now
         frame = _frame(("swap", next_start, limits, last))
         futures = []
         for channel in self._channels:
             future: concurrent.futures.Future[Report] = concurrent.futures.Future()
-            self._queued.append((channel, future, frame))
+            if channel.task is None or channel.task.done():
+                future.set_exception(WorkerGone(f"worker {channel.proc.pid} is gone"))
+            else:
+                channel.pending.append(future)
+                channel.writer.write(frame)
             futures.append(future)
-        self._send_next()
         return futures
-
-    def _send_next(self) -> None:
-        """Send the next queued swap; the one after it goes when this one is answered."""
-        if self._queued:
-            future = self._send(*self._queued.popleft())
-            future.add_done_callback(lambda _: self._send_next())
-
-    def _send_queued(self) -> None:
-        while self._queued:
-            self._send(*self._queued.popleft())
-
-    @staticmethod
-    def _send(
-        channel: _Channel, future: concurrent.futures.Future[Report], frame: bytes
-    ) -> concurrent.futures.Future[Report]:
-        if channel.task is None or channel.task.done():
-            future.set_exception(WorkerGone(f"worker {channel.proc.pid} is gone"))
-        else:
-            channel.pending.append(future)
-            channel.writer.write(frame)
-        return future
 
     async def _read_reports(self, channel: _Channel) -> None:
         try:
@@ -302,25 +304,25 @@ class _Worker:
         self.aggregator.now = time.monotonic()
         self.intake.datagrams(datagrams)
 
-    def swap(self, next_start: int, limits: Limits, last: bool) -> Report:
+    async def swap(self, next_start: int, limits: Limits, last: bool) -> Report:
+        """Swap the window, then pickle it a slice at a time, reading in between."""
         if last:
             self.stop_reading()
         self.limits.update(limits)
         windows = self.aggregator.swap(next_start)
         events, checks = self.intake.take_events()
-        report = Report(
-            pickle.dumps(windows, protocol=pickle.HIGHEST_PROTOCOL),
-            dataclasses.replace(self.listener),
-            self.intake.stats,
-            self.drops.take_window(),
-            events,
-            checks,
-        )
+        listener = dataclasses.replace(self.listener)
+        ingest = self.intake.stats
+        drops = self.drops.take_window()
         # the counters restart from zero: a report carries what is new since the last
         for name in ("packets", "bytes", "too_large"):
             setattr(self.listener, name, 0)
         self.intake.stats = IngestStats()
-        return report
+        pieces = []
+        for piece in window_slices(windows, SLICE_SERIES):
+            pieces.append(pickle.dumps(piece, protocol=pickle.HIGHEST_PROTOCOL))
+            await asyncio.sleep(0)  # the event loop reads the sockets meanwhile
+        return Report(pieces, listener, ingest, drops, events, checks)
 
     def stop_reading(self) -> None:
         for reader in self.readers:
@@ -344,7 +346,7 @@ async def _serve(control: socket.socket) -> None:
             worker.aggregator.open(message[1])
         elif message[0] == "swap":
             _, next_start, limits, last = message
-            writer.write(_frame(worker.swap(next_start, limits, last)))
+            writer.write(_frame(await worker.swap(next_start, limits, last)))
             await writer.drain()
     worker.stop_reading()
     writer.close()

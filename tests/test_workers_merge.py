@@ -23,6 +23,7 @@ from aggregator.aggregate import (
 from aggregator.limits import Drops, Limits
 from aggregator.model import Rollup, Sample, SeriesKey
 from aggregator.sketch import Sketch
+from aggregator.worker import window_slices
 
 from .test_aggregate import INTERVAL, PAST, PERCENTILES, W0, c, g, s, t
 
@@ -36,9 +37,14 @@ def single(samples: list[Sample], gauges: dict[SeriesKey, float]) -> list[Rollup
 
 
 def spread(
-    samples: list[Sample], gauges: dict[SeriesKey, float], workers: int, seed: int
+    samples: list[Sample],
+    gauges: dict[SeriesKey, float],
+    workers: int,
+    seed: int,
+    slice_series: int = 4096,
 ) -> tuple[list[Rollup], dict[SeriesKey, float]]:
-    """The daemon keeps ``gauges`` and reads nothing; ``workers`` workers read the samples."""
+    """The daemon keeps ``gauges`` and reads nothing; ``workers`` workers read the samples
+    and hand their windows over in slices of ``slice_series``, as worker.py does."""
     rng = random.Random(seed)
     daemon = Aggregator(INTERVAL, PERCENTILES)
     daemon.restore_gauges(gauges)
@@ -51,8 +57,12 @@ def spread(
         reader.now = float(n)
         reader.add([sample])
     closed = daemon.swap(W0 + INTERVAL)
-    # what crosses the process boundary is a pickle
-    parts = [w for r in readers for w in pickle.loads(pickle.dumps(r.swap(W0 + INTERVAL)))]
+    # what crosses the process boundary is a pickle of each slice
+    parts = [
+        pickle.loads(pickle.dumps(piece))
+        for r in readers
+        for piece in window_slices(r.swap(W0 + INTERVAL), slice_series)
+    ]
     moved = merge_worker_windows(closed, parts, daemon.spent.admit)
     return [r for w in closed for r in snapshot(w, PERCENTILES)], moved
 
@@ -97,11 +107,14 @@ STREAM = (
 
 @pytest.mark.parametrize("workers", [1, 2, 5])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_a_window_spread_over_workers_flushes_as_one(workers: int, seed: int) -> None:
+@pytest.mark.parametrize("slice_series", [1, 2, 4096])
+def test_a_window_spread_over_workers_flushes_as_one(
+    workers: int, seed: int, slice_series: int
+) -> None:
     samples = list(STREAM)
     random.Random(seed).shuffle(samples)
     gauges = {("queue", "g", ()): 100.0, ("idle", "g", ()): 7.0}
-    merged, moved = spread(samples, gauges, workers, seed)
+    merged, moved = spread(samples, gauges, workers, seed, slice_series)
     assert comparable(merged, workers) == comparable(single(samples, gauges), workers)
     assert moved == {("queue", "g", ()): 120.0}
 
@@ -208,3 +221,28 @@ def test_a_worker_window_the_daemon_did_not_open_is_kept() -> None:
         (PAST, {("late", "c", ()): [1.0, 1.0]}),
         (PAST + 10, {("late", "c", ()): [2.0, 1.0], ("later", "c", ()): [1.0, 1.0]}),
     ]
+
+
+@pytest.mark.parametrize("size", [1, 3, 1000])
+def test_window_slices_hold_every_series_once(size: int) -> None:
+    worker = WorkerAggregator(INTERVAL)
+    worker.open(W0)
+    worker.add(STREAM)
+    windows = worker.swap(W0 + INTERVAL)
+    pieces = list(window_slices(windows, size))
+    kinds = ("counters", "timers", "gauges", "sets")
+    for piece in pieces:
+        held = [kind for kind in kinds if getattr(piece, kind)]
+        assert len(held) == 1
+        assert len(getattr(piece, held[0])) <= size
+        assert set(piece.weights) <= set(piece.timers)
+        assert piece.persisted == next(w.persisted for w in windows if w.start == piece.start)
+    for window in windows:
+        mine = [p for p in pieces if p.start == window.start]
+        for kind in (*kinds, "weights"):
+            together = [key for p in mine for key in getattr(p, kind)]
+            assert len(together) == len(set(together))
+            assert {k: getattr(p, kind)[k] for p in mine for k in getattr(p, kind)} == getattr(
+                window, kind
+            )
+    assert len(windows) == 2  # the open window and a |T window, both sliced
