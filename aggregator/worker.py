@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from .aggregate import ClosedWindow, WorkerAggregator
 from .intake import Intake, quiet_gc
@@ -61,6 +61,8 @@ from .selfstats import IngestStats
 log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct(">Q")
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 #: a worker that has not said "ready" by then is taken as failed
 START_SECONDS = 30.0
 #: how long a worker whose channel closed gets to exit before it is reported
@@ -103,16 +105,23 @@ def window_slices(windows: list[ClosedWindow], size: int) -> Iterator[ClosedWind
     (a series is in exactly one slice; a timer's weights go with it).
     """
     for window in windows:
-        empty = ClosedWindow(window.start, {}, {}, {}, {}, {}, window.persisted)
-        for kind in ("counters", "gauges", "sets"):
-            entries = iter(getattr(window, kind).items())
-            while piece := dict(itertools.islice(entries, size)):
-                yield dataclasses.replace(empty, **{kind: piece})
-        entries = iter(window.timers.items())
+        start, persisted = window.start, window.persisted
+        for counters in _pieces(window.counters, size):
+            yield ClosedWindow(start, counters, {}, {}, {}, {}, persisted)
+        for gauges in _pieces(window.gauges, size):
+            yield ClosedWindow(start, {}, {}, {}, gauges, {}, persisted)
+        for sets in _pieces(window.sets, size):
+            yield ClosedWindow(start, {}, {}, {}, {}, sets, persisted)
         weights = window.weights
-        while timers := dict(itertools.islice(entries, size)):
+        for timers in _pieces(window.timers, size):
             theirs = {key: weights[key] for key in timers if key in weights} if weights else {}
-            yield dataclasses.replace(empty, timers=timers, weights=theirs)
+            yield ClosedWindow(start, {}, timers, theirs, {}, {}, persisted)
+
+
+def _pieces(entries: dict[_K, _V], size: int) -> Iterator[dict[_K, _V]]:
+    items = iter(entries.items())
+    while piece := dict(itertools.islice(items, size)):
+        yield piece
 
 
 def _frame(message: Any) -> bytes:
