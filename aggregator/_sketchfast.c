@@ -1,4 +1,4 @@
-/* The flush's per-series sketch work in C (see sketch.py for the format).
+/* The flush's per-series work in C (see sketch.py for the formats).
  *
  * sketch_bytes(values, low, high, inv_log_gamma, max_buckets) builds the
  * serialized sketch of an unsampled timer's values, as sketch.sketch_bytes
@@ -13,7 +13,14 @@
  * sketch._merge_exact_sets does: the distinct members, sorted. Only for
  * ASCII members, whose byte order is Python's string order.
  *
- * All three return the very bytes of the Python path, or None where that path
+ * window_rollups(...) makes aggregate.snapshot's rollups of one window,
+ * unsorted: every counter and gauge, the unsampled timers and the sets of
+ * ASCII members within the exact limit, with the sketches and set states
+ * above; it lists the keys of the other timers and sets for Python to make,
+ * and returns None (Python makes them all) when a part of the window is not
+ * in the form the aggregator keeps.
+ *
+ * The first three return the very bytes of the Python path, or None where that path
  * must decide: a value that is not a finite float, a blob that is not the
  * plain form (every weight a whole number below 2**53, floats as float64,
  * canonical msgpack), more than max_buckets buckets for a sign, a member
@@ -350,24 +357,13 @@ pack_sketch(int64_t zero, double low, double high, const Buckets *positive,
 
 /* ------------------------------------------------------------ sketch_bytes */
 
+/* The sketch of `values` (a list), or None where Python must build it. */
 static PyObject *
-sketch_bytes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+values_sketch(PyObject *values, double low, double high, double inv_log_gamma,
+              PyObject *max_buckets)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError,
-                        "sketch_bytes(values, low, high, inv_log_gamma, max_buckets)");
-        return NULL;
-    }
-    PyObject *values = args[0];
-    if (!PyFloat_CheckExact(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "inv_log_gamma must be a float");
-        return NULL;
-    }
-    if (!PyList_Check(values) || !PyFloat_CheckExact(args[1]) || !PyFloat_CheckExact(args[2]))
-        Py_RETURN_NONE;
-    double inv_log_gamma = PyFloat_AS_DOUBLE(args[3]);
     Buckets positive, negative;
-    if (buckets_pair_init(&positive, &negative, args[4]) < 0)
+    if (buckets_pair_init(&positive, &negative, max_buckets) < 0)
         return NULL;
     PyObject *result = NULL;
     int64_t zero = 0;
@@ -396,12 +392,29 @@ sketch_bytes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         result = Py_NewRef(Py_None);
         goto finally;
     }
-    result = pack_sketch(zero, PyFloat_AS_DOUBLE(args[1]), PyFloat_AS_DOUBLE(args[2]),
-                         &positive, &negative);
+    result = pack_sketch(zero, low, high, &positive, &negative);
 finally:
     buckets_free(&positive);
     buckets_free(&negative);
     return result;
+}
+
+static PyObject *
+sketch_bytes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "sketch_bytes(values, low, high, inv_log_gamma, max_buckets)");
+        return NULL;
+    }
+    if (!PyFloat_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "inv_log_gamma must be a float");
+        return NULL;
+    }
+    if (!PyList_Check(args[0]) || !PyFloat_CheckExact(args[1]) || !PyFloat_CheckExact(args[2]))
+        Py_RETURN_NONE;
+    return values_sketch(args[0], PyFloat_AS_DOUBLE(args[1]), PyFloat_AS_DOUBLE(args[2]),
+                         PyFloat_AS_DOUBLE(args[3]), args[4]);
 }
 
 /* ------------------------------------------------------------ merge_sketches */
@@ -706,6 +719,378 @@ finally:
     return result;
 }
 
+/* ------------------------------------------------------------ window_rollups */
+
+/* What a window's rollups share: made once per call. */
+typedef struct {
+    PyTypeObject *rollup;    /* model.Rollup, a tuple subclass of 11 fields */
+    PyObject *start;
+    PyObject *one;           /* 1.0: the count of a gauge */
+    PyObject *no_quantiles;  /* () */
+    PyObject *percentiles;   /* tuple of floats */
+    double inv_log_gamma;
+    PyObject *max_buckets;
+    Py_ssize_t set_limit;
+    double rank_epsilon;
+    PyObject *fsum;
+    double *sorted;          /* scratch for a timer's values */
+    double *spare;
+    Py_ssize_t room;
+    Member *members;         /* scratch for a set's members */
+    Py_ssize_t member_room;
+} Window;
+
+/* A Rollup (name, type, tags, start, count, sum, min, max, last, state, quantiles);
+ * steals the references to the six values. */
+static PyObject *
+new_rollup(Window *w, PyObject *key, PyObject *count, PyObject *sum, PyObject *low,
+           PyObject *high, PyObject *last, PyObject *state, PyObject *quantiles)
+{
+    PyObject *fields[8] = {count, sum, low, high, last, state, quantiles, NULL};
+    for (int i = 0; i < 7; i++) {
+        if (fields[i] == NULL) {
+            for (int j = 0; j < 7; j++)
+                Py_XDECREF(fields[j]);
+            return NULL;
+        }
+    }
+    PyObject *r = w->rollup->tp_alloc(w->rollup, 11);
+    if (r == NULL) {
+        for (int j = 0; j < 7; j++)
+            Py_DECREF(fields[j]);
+        return NULL;
+    }
+    for (int i = 0; i < 3; i++)
+        PyTuple_SET_ITEM(r, i, Py_NewRef(PyTuple_GET_ITEM(key, i)));
+    PyTuple_SET_ITEM(r, 3, Py_NewRef(w->start));
+    for (int i = 0; i < 7; i++)
+        PyTuple_SET_ITEM(r, 4 + i, fields[i]);
+    return r;
+}
+
+static int
+append_new(PyObject *list, PyObject *item)
+{
+    if (item == NULL)
+        return -1;
+    int rc = PyList_Append(list, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+/* A (name, type, tags) key. */
+static int
+is_key(PyObject *key)
+{
+    return PyTuple_CheckExact(key) && PyTuple_GET_SIZE(key) == 3;
+}
+
+/* counters: key -> [sum, count]; the rollup is (count, sum, sum, sum, sum). */
+static int
+counter_rollups(Window *w, PyObject *counters, PyObject *out)
+{
+    Py_ssize_t pos = 0;
+    PyObject *key, *acc;
+    while (PyDict_Next(counters, &pos, &key, &acc)) {
+        if (!is_key(key) || !PyList_CheckExact(acc) || PyList_GET_SIZE(acc) != 2)
+            return 0;
+        PyObject *total = PyList_GET_ITEM(acc, 0), *count = PyList_GET_ITEM(acc, 1);
+        PyObject *r = new_rollup(w, key, Py_NewRef(count), Py_NewRef(total), Py_NewRef(total),
+                                 Py_NewRef(total), Py_NewRef(total), Py_NewRef(Py_None),
+                                 Py_NewRef(w->no_quantiles));
+        if (append_new(out, r) < 0)
+            return -1;
+    }
+    return 1;
+}
+
+/* Touched gauges ([last, low, high]), then the persisted ones not touched (flat). */
+static int
+gauge_rollups(Window *w, PyObject *gauges, PyObject *persisted, PyObject *out)
+{
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(gauges, &pos, &key, &value)) {
+        if (!is_key(key) || !PyList_CheckExact(value) || PyList_GET_SIZE(value) != 3)
+            return 0;
+        PyObject *last = PyList_GET_ITEM(value, 0);
+        PyObject *r = new_rollup(w, key, Py_NewRef(w->one), Py_NewRef(last),
+                                 Py_NewRef(PyList_GET_ITEM(value, 1)),
+                                 Py_NewRef(PyList_GET_ITEM(value, 2)), Py_NewRef(last),
+                                 Py_NewRef(Py_None), Py_NewRef(w->no_quantiles));
+        if (append_new(out, r) < 0)
+            return -1;
+    }
+    if (persisted == Py_None)
+        return 1;
+    pos = 0;
+    while (PyDict_Next(persisted, &pos, &key, &value)) {
+        if (!is_key(key))
+            return 0;
+        int touched = PyDict_Contains(gauges, key);
+        if (touched < 0)
+            return -1;
+        if (touched)
+            continue;
+        PyObject *r = new_rollup(w, key, Py_NewRef(w->one), Py_NewRef(value), Py_NewRef(value),
+                                 Py_NewRef(value), Py_NewRef(value), Py_NewRef(Py_None),
+                                 Py_NewRef(w->no_quantiles));
+        if (append_new(out, r) < 0)
+            return -1;
+    }
+    return 1;
+}
+
+/* Sort v[0..n) as sorted() does: stable, by <. */
+static void
+stable_sort(double *v, double *spare, Py_ssize_t n)
+{
+    if (n <= 32) {
+        for (Py_ssize_t i = 1; i < n; i++) {
+            double x = v[i];
+            Py_ssize_t j = i;
+            while (j > 0 && x < v[j - 1]) {
+                v[j] = v[j - 1];
+                j--;
+            }
+            v[j] = x;
+        }
+        return;
+    }
+    Py_ssize_t half = n / 2;
+    stable_sort(v, spare, half);
+    stable_sort(v + half, spare, n - half);
+    memcpy(spare, v, sizeof(double) * (size_t)half);
+    Py_ssize_t i = 0, j = half, k = 0;
+    while (i < half && j < n)
+        v[k++] = v[j] < spare[i] ? v[j++] : spare[i++];
+    while (i < half)
+        v[k++] = spare[i++];
+}
+
+static int
+reserve_values(Window *w, Py_ssize_t n)
+{
+    if (n <= w->room)
+        return 0;
+    Py_ssize_t room = n < 64 ? 64 : n;
+    double *sorted = PyMem_Realloc(w->sorted, sizeof(double) * (size_t)room);
+    if (sorted == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    w->sorted = sorted;
+    double *spare = PyMem_Realloc(w->spare, sizeof(double) * (size_t)room);
+    if (spare == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    w->spare = spare;
+    w->room = room;
+    return 0;
+}
+
+/* aggregate._rank: the nearest-rank index of percentile p among n values. */
+static Py_ssize_t
+rank_of(double p, Py_ssize_t n, double rank_epsilon)
+{
+    double at = ceil(p * (double)n / 100.0 * (1.0 - rank_epsilon));
+    if (at < 1.0)
+        at = 1.0;
+    if (at > (double)n)
+        at = (double)n;
+    return (Py_ssize_t)at - 1;
+}
+
+/* An unsampled timer (aggregate._timer_rollup). 1: appended; 0: Python makes it. */
+static int
+timer_rollup(Window *w, PyObject *key, PyObject *values, PyObject *out)
+{
+    if (!PyList_CheckExact(values))
+        return 0;
+    Py_ssize_t n = PyList_GET_SIZE(values);
+    if (n == 0)
+        return 0;
+    if (reserve_values(w, n) < 0)
+        return -1;
+    double *v = w->sorted;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(values, i);
+        if (!PyFloat_CheckExact(item) || !isfinite(PyFloat_AS_DOUBLE(item)))
+            return 0;
+        v[i] = PyFloat_AS_DOUBLE(item);
+    }
+    stable_sort(v, w->spare, n);
+    PyObject *sketch = values_sketch(values, v[0], v[n - 1], w->inv_log_gamma, w->max_buckets);
+    if (sketch == NULL)
+        return -1;
+    if (sketch == Py_None) {
+        Py_DECREF(sketch);
+        return 0;
+    }
+    PyObject *sum = PyObject_CallOneArg(w->fsum, values); /* raises as Python's would */
+    Py_ssize_t m = PyTuple_GET_SIZE(w->percentiles);
+    PyObject *quantiles = sum == NULL ? NULL : PyTuple_New(m);
+    for (Py_ssize_t i = 0; quantiles != NULL && i < m; i++) {
+        PyObject *p = PyTuple_GET_ITEM(w->percentiles, i);
+        PyObject *pair = Py_BuildValue(
+            "(Od)", p, v[rank_of(PyFloat_AS_DOUBLE(p), n, w->rank_epsilon)]);
+        if (pair == NULL)
+            Py_CLEAR(quantiles);
+        else
+            PyTuple_SET_ITEM(quantiles, i, pair);
+    }
+    if (quantiles == NULL) {
+        Py_DECREF(sketch);
+        Py_XDECREF(sum);
+        return -1;
+    }
+    PyObject *r = new_rollup(w, key, PyFloat_FromDouble((double)n), sum, PyFloat_FromDouble(v[0]),
+                             PyFloat_FromDouble(v[n - 1]),
+                             Py_NewRef(PyList_GET_ITEM(values, n - 1)), sketch, quantiles);
+    return append_new(out, r) < 0 ? -1 : 1;
+}
+
+/* A set of ASCII str members (snapshot's set rollup). 1: appended; 0: Python makes it. */
+static int
+set_rollup(Window *w, PyObject *key, PyObject *members, PyObject *out)
+{
+    if (!PySet_CheckExact(members))
+        return 0;
+    Py_ssize_t n = PySet_GET_SIZE(members);
+    if (n > w->set_limit)
+        return 0;
+    if (n > w->member_room) {
+        Member *room = PyMem_Realloc(w->members, sizeof(Member) * (size_t)n);
+        if (room == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        w->members = room;
+        w->member_room = n;
+    }
+    Py_ssize_t pos = 0, k = 0;
+    PyObject *member;
+    Py_hash_t hash;
+    while (_PySet_NextEntry(members, &pos, &member, &hash)) {
+        if (!PyUnicode_CheckExact(member) || !PyUnicode_IS_ASCII(member) || k == n)
+            return 0;
+        w->members[k].text = PyUnicode_DATA(member);
+        w->members[k].len = PyUnicode_GET_LENGTH(member);
+        k++;
+    }
+    if (k != n)
+        return 0;
+    PyObject *state = pack_members(w->members, n); /* the set holds the texts meanwhile */
+    if (state == NULL)
+        return -1;
+    PyObject *size = PyFloat_FromDouble((double)n);
+    if (size == NULL) {
+        Py_DECREF(state);
+        return -1;
+    }
+    PyObject *r = new_rollup(w, key, Py_NewRef(size), Py_NewRef(size), Py_NewRef(size),
+                             Py_NewRef(size), size, state, Py_NewRef(w->no_quantiles));
+    return append_new(out, r) < 0 ? -1 : 1;
+}
+
+/* Timers (or sets) into rollups; the keys of those Python must make go to `left`. */
+static int
+series_rollups(Window *w, PyObject *series, PyObject *weights, PyObject *out, PyObject *left,
+               int (*make)(Window *, PyObject *, PyObject *, PyObject *))
+{
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(series, &pos, &key, &value)) {
+        if (!is_key(key))
+            return 0;
+        int done = 0;
+        int weighted = weights == NULL ? 0 : PyDict_Contains(weights, key);
+        if (weighted < 0)
+            return -1;
+        if (!weighted)
+            done = make(w, key, value, out);
+        if (done < 0)
+            return -1;
+        if (done == 0 && PyList_Append(left, key) < 0)
+            return -1;
+    }
+    return 1;
+}
+
+static PyObject *
+window_rollups(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError,
+                        "window_rollups(rollup, start, percentiles, counters, gauges, persisted, "
+                        "timers, weights, sets, (inv_log_gamma, max_buckets, set_limit, "
+                        "rank_epsilon, fsum))");
+        return NULL;
+    }
+    PyObject *constants = args[9];
+    if (!PyType_Check(args[0]) || !PyType_IsSubtype((PyTypeObject *)args[0], &PyTuple_Type)
+        || !PyTuple_CheckExact(args[2]) || !PyTuple_CheckExact(constants)
+        || PyTuple_GET_SIZE(constants) != 5 || !PyFloat_CheckExact(PyTuple_GET_ITEM(constants, 0))
+        || !PyFloat_CheckExact(PyTuple_GET_ITEM(constants, 3))) {
+        PyErr_SetString(PyExc_TypeError, "window_rollups: bad arguments");
+        return NULL;
+    }
+    for (int i = 3; i <= 8; i++) {
+        if (i == 5 && args[i] == Py_None)
+            continue;
+        if (!PyDict_Check(args[i])) {
+            PyErr_SetString(PyExc_TypeError, "window_rollups: the window's parts must be dicts");
+            return NULL;
+        }
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args[2]); i++) {
+        if (!PyFloat_CheckExact(PyTuple_GET_ITEM(args[2], i))) {
+            PyErr_SetString(PyExc_TypeError, "window_rollups: percentiles must be floats");
+            return NULL;
+        }
+    }
+    Window w = {(PyTypeObject *)args[0], args[1], NULL, NULL, args[2],
+                PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(constants, 0)), PyTuple_GET_ITEM(constants, 1),
+                PyLong_AsSsize_t(PyTuple_GET_ITEM(constants, 2)),
+                PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(constants, 3)), PyTuple_GET_ITEM(constants, 4),
+                NULL, NULL, 0, NULL, 0};
+    if (w.set_limit == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *result = NULL, *out = NULL, *timers_left = NULL, *sets_left = NULL;
+    w.one = PyFloat_FromDouble(1.0);
+    w.no_quantiles = PyTuple_New(0);
+    out = PyList_New(0);
+    timers_left = PyList_New(0);
+    sets_left = PyList_New(0);
+    if (w.one == NULL || w.no_quantiles == NULL || out == NULL || timers_left == NULL
+        || sets_left == NULL)
+        goto finally;
+    int done = counter_rollups(&w, args[3], out);
+    if (done > 0)
+        done = gauge_rollups(&w, args[4], args[5], out);
+    if (done > 0)
+        done = series_rollups(&w, args[6], args[7], out, timers_left, timer_rollup);
+    if (done > 0)
+        done = series_rollups(&w, args[8], NULL, out, sets_left, set_rollup);
+    if (done < 0)
+        goto finally;
+    if (done == 0)
+        result = Py_NewRef(Py_None);
+    else
+        result = PyTuple_Pack(3, out, timers_left, sets_left);
+finally:
+    Py_XDECREF(w.one);
+    Py_XDECREF(w.no_quantiles);
+    Py_XDECREF(out);
+    Py_XDECREF(timers_left);
+    Py_XDECREF(sets_left);
+    PyMem_Free(w.sorted);
+    PyMem_Free(w.spare);
+    PyMem_Free(w.members);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"sketch_bytes", (PyCFunction)(void (*)(void))sketch_bytes, METH_FASTCALL,
      "sketch_bytes(values, low, high, inv_log_gamma, max_buckets) -> bytes or None: "
@@ -715,6 +1100,10 @@ static PyMethodDef module_methods[] = {
     {"merge_sets", (PyCFunction)(void (*)(void))merge_sets, METH_FASTCALL,
      "merge_sets(blobs, limit) -> bytes or None: the union of exact set states of ASCII "
      "members, while it has at most limit members."},
+    {"window_rollups", (PyCFunction)(void (*)(void))window_rollups, METH_FASTCALL,
+     "window_rollups(rollup, start, percentiles, counters, gauges, persisted, timers, weights, "
+     "sets, constants) -> (rollups, timer keys left, set keys left), or None: "
+     "aggregate.snapshot's rollups, unsorted."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -45,9 +45,18 @@ from itertools import accumulate
 from operator import itemgetter
 from typing import Any
 
+from .fastpath import sketch_native
 from .limits import TIMESTAMP_OUT_OF_RANGE, Budget, Drops, Limits
 from .model import COUNTER, DISTRIBUTION_TYPES, GAUGE, SET, Rollup, Sample, SeriesKey
-from .sketch import RANK_EPSILON, SetState, Sketch, sketch_bytes
+from .sketch import (
+    INV_LOG_GAMMA,
+    MAX_BUCKETS,
+    RANK_EPSILON,
+    SET_EXACT_LIMIT,
+    SetState,
+    Sketch,
+    sketch_bytes,
+)
 
 __all__ = [
     "Aggregator",
@@ -584,31 +593,30 @@ def snapshot(closed: ClosedWindow, percentiles: Sequence[float]) -> list[Rollup]
     """The rollups of one closed window, sorted by (name, type, tags).
 
     Pure: reads the window, never changes it, so it can run off the intake
-    thread. Runs once per series per flush: rollups are built as plain
-    tuples (``_new_rollup``), and the percentile ranks are computed once per
-    distinct number of values.
+    thread. Runs once per series per flush: with the C extension
+    (``_sketchfast.window_rollups``) every rollup it can make is made there,
+    and the rest here; rollups are built as plain tuples (``_new_rollup``),
+    and the percentile ranks are computed once per distinct number of values.
     """
     start = closed.start
     ps = tuple(float(p) for p in percentiles)
-    rollups: list[Rollup] = []
-    append = rollups.append
-    for key, (total, count) in closed.counters.items():
-        append(_new_rollup(Rollup, (*key, start, count, total, total, total, total, None, ())))
-    _gauge_rollups(closed, append)
-    weights = closed.weights
-    ranks: dict[int, list[int]] = {}
-    for key, values in closed.timers.items():
-        weighted = weights.get(key)
-        if weighted is None:
-            append(_timer_rollup(key, start, values, ps, ranks))
-        else:
-            append(_distribution_rollup(key, start, values, weighted, ps))
-    for key, members in closed.sets.items():
-        n = float(len(members))
-        state = SetState.from_members(
-            m if isinstance(m, str) else repr(m) for m in members
-        ).to_bytes()
-        append(_new_rollup(Rollup, (*key, start, n, n, n, n, n, state, ())))
+    made = None
+    if sketch_native is not None:
+        made = sketch_native.window_rollups(
+            Rollup, start, ps, closed.counters, closed.gauges, closed.persisted,
+            closed.timers, closed.weights, closed.sets, _NATIVE_CONSTANTS,
+        )  # fmt: skip
+    rollups: list[Rollup]
+    if made is None:
+        rollups = []
+        _counter_rollups(closed, rollups.append)
+        _gauge_rollups(closed, rollups.append)
+        timers: Iterable[SeriesKey] = closed.timers
+        sets: Iterable[SeriesKey] = closed.sets
+    else:
+        rollups, timers, sets = made
+    _timer_rollups(closed, timers, ps, rollups.append)
+    _set_rollups(closed, sets, rollups.append)
     # (name, type, tags) is unique in a window: start and beyond never compare.
     # Sorting by name first (strings only: CPython's fast path) leaves the
     # full sort a nearly sorted list; the two together cost half of the full
@@ -616,6 +624,42 @@ def snapshot(closed: ClosedWindow, percentiles: Sequence[float]) -> list[Rollup]
     rollups.sort(key=_NAME)
     rollups.sort()
     return rollups
+
+
+#: what window_rollups needs of sketch.py, and the same fsum
+_NATIVE_CONSTANTS = (INV_LOG_GAMMA, MAX_BUCKETS, SET_EXACT_LIMIT, RANK_EPSILON, math.fsum)
+
+
+def _counter_rollups(closed: ClosedWindow, append: Any) -> None:
+    start = closed.start
+    for key, (total, count) in closed.counters.items():
+        append(_new_rollup(Rollup, (*key, start, count, total, total, total, total, None, ())))
+
+
+def _timer_rollups(
+    closed: ClosedWindow, keys: Iterable[SeriesKey], ps: tuple[float, ...], append: Any
+) -> None:
+    start = closed.start
+    timers, weights = closed.timers, closed.weights
+    ranks: dict[int, list[int]] = {}
+    for key in keys:
+        values = timers[key]
+        weighted = weights.get(key)
+        if weighted is None:
+            append(_timer_rollup(key, start, values, ps, ranks))
+        else:
+            append(_distribution_rollup(key, start, values, weighted, ps))
+
+
+def _set_rollups(closed: ClosedWindow, keys: Iterable[SeriesKey], append: Any) -> None:
+    start = closed.start
+    for key in keys:
+        members = closed.sets[key]
+        n = float(len(members))
+        state = SetState.from_members(
+            m if isinstance(m, str) else repr(m) for m in members
+        ).to_bytes()
+        append(_new_rollup(Rollup, (*key, start, n, n, n, n, n, state, ())))
 
 
 _NAME = itemgetter(0)

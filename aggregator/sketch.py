@@ -75,6 +75,7 @@ from .model import DISTRIBUTION_TYPES, SET
 
 __all__ = [
     "ALPHA",
+    "INV_LOG_GAMMA",
     "MAX_BUCKETS",
     "RANK_EPSILON",
     "SET_EXACT_LIMIT",
@@ -87,7 +88,7 @@ __all__ = [
 ALPHA = 0.005
 _GAMMA = (1 + ALPHA) / (1 - ALPHA)
 _LOG_GAMMA = math.log(_GAMMA)
-_INV_LOG_GAMMA = 1.0 / _LOG_GAMMA
+INV_LOG_GAMMA = 1.0 / _LOG_GAMMA
 #: log of the factor that turns a bucket's upper bound into its representative
 _LOG_REPR = math.log(2.0 / (_GAMMA + 1.0))
 
@@ -152,7 +153,7 @@ def _fill_buckets(
     zero = nothing
     log = math.log
     ceil = math.ceil
-    inv_log_gamma = _INV_LOG_GAMMA
+    inv_log_gamma = INV_LOG_GAMMA
     for value, weight in items:
         if value > 0.0:
             index = ceil(log(value) * inv_log_gamma)
@@ -176,7 +177,7 @@ def sketch_bytes(values: Sequence[float], low: float, high: float) -> bytes:
     """
     if sketch_native is not None:
         packed: bytes | None = sketch_native.sketch_bytes(
-            values, low, high, _INV_LOG_GAMMA, MAX_BUCKETS
+            values, low, high, INV_LOG_GAMMA, MAX_BUCKETS
         )
         if packed is not None:
             return packed

@@ -1,10 +1,12 @@
-"""The C sketch path (aggregator/_sketchfast.c) against the Python one it stands in for.
+"""The C flush path (aggregator/_sketchfast.c) against the Python one it stands in for.
 
 ``sketch_bytes`` and ``merge_sketches`` must return the very bytes of
 ``sketch._sketch_bytes`` and ``sketch._merge_small_sketches``, or None where
 they leave the case to Python (then the Python path's answer, or its error,
-is what the caller gets). Every plain case must be taken in C: a C path that
-always said None would pass the byte comparison and buy nothing.
+is what the caller gets). ``window_rollups`` must make the rollups of
+``aggregate.snapshot``'s Python path, and name the series it leaves to it.
+Every plain case must be taken in C: a C path that always said None would
+pass the byte comparison and buy nothing.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ import math
 import os
 import random
 import struct
+from collections.abc import Callable
 
 import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator import sketch
+from aggregator import aggregate, sketch
+from aggregator.aggregate import ClosedWindow
 from aggregator.fastpath import sketch_native
+from aggregator.model import Rollup, SeriesKey
 from aggregator.sketch import MAX_BUCKETS, SET_EXACT_LIMIT, SetState, Sketch, merge_blobs
 
 if sketch_native is None:
@@ -32,7 +37,7 @@ native = sketch_native
 
 
 def c_sketch_bytes(values: object, low: object, high: object) -> bytes | None:
-    return native.sketch_bytes(values, low, high, sketch._INV_LOG_GAMMA, MAX_BUCKETS)  # type: ignore[arg-type]
+    return native.sketch_bytes(values, low, high, sketch.INV_LOG_GAMMA, MAX_BUCKETS)  # type: ignore[arg-type]
 
 
 #: value lists whose sketch C builds: (values)
@@ -89,7 +94,7 @@ def test_sketch_bytes_bad_arguments() -> None:
     with pytest.raises(ValueError, match="max_buckets"):
         native.merge_sketches([], -1)
     with pytest.raises(ValueError, match="max_buckets"):
-        native.sketch_bytes([1.0], 1.0, 1.0, sketch._INV_LOG_GAMMA, 2**25)
+        native.sketch_bytes([1.0], 1.0, 1.0, sketch.INV_LOG_GAMMA, 2**25)
 
 
 def packed(values: list[float], weights: list[float] | None = None) -> bytes:
@@ -290,3 +295,217 @@ def test_set_merge_bad_arguments() -> None:
 def test_set_merge_of_any_ascii_members(members: list[list[str]]) -> None:
     blobs = sets(*members)
     assert native.merge_sets(blobs, SET_EXACT_LIMIT) == sketch._merge_exact_sets(blobs)
+
+
+# ------------------------------------------------------------ window_rollups
+
+START = 1_000_000
+PS = (50.0, 90.0, 99.0, 100.0, 0.0)
+
+
+def window(
+    counters: dict | None = None,
+    timers: dict | None = None,
+    weights: dict | None = None,
+    gauges: dict | None = None,
+    sets: dict | None = None,
+    persisted: dict | None = None,
+) -> ClosedWindow:
+    return ClosedWindow(
+        START, counters or {}, timers or {}, weights or {}, gauges or {}, sets or {}, persisted
+    )
+
+
+def python_snapshot(closed: ClosedWindow, monkeypatch: pytest.MonkeyPatch) -> list[Rollup]:
+    with monkeypatch.context() as m:
+        m.setattr(aggregate, "sketch_native", None)
+        m.setattr(sketch, "sketch_native", None)
+        return aggregate.snapshot(closed, PS)
+
+
+def native_made(closed: ClosedWindow) -> tuple[list[Rollup], list[SeriesKey], list[SeriesKey]]:
+    return native.window_rollups(  # type: ignore[no-any-return]
+        Rollup, closed.start, PS, closed.counters, closed.gauges, closed.persisted,
+        closed.timers, closed.weights, closed.sets, aggregate._NATIVE_CONSTANTS,
+    )  # fmt: skip
+
+
+def key(name: str, kind: str) -> SeriesKey:
+    return (name, kind, (("env", "prod"),))
+
+
+#: windows whose every rollup C makes
+PLAIN_WINDOWS = {
+    "counters": window(counters={key("a", "c"): [3.0, 2.0], key("b", "c"): [40.0, 10.0]}),
+    "gauges-touched-and-held": window(
+        gauges={key("g", "g"): [4.0, -1.0, 9.0]},
+        persisted={key("g", "g"): 4.0, key("held", "g"): -0.0},
+    ),
+    "timers": window(
+        timers={
+            key("one", "ms"): [7.5],
+            key("ties", "ms"): [0.0, -0.0, 3.0, -0.0, 0.0],
+            key("zero-first", "ms"): [0.0, -0.0],
+            key("minus-zero-first", "ms"): [-0.0, 0.0, -0.0],
+            key("zeros-merged", "ms"): [0.0] * 20 + [-0.0] * 20 + [1.0],
+            key("negatives", "h"): [-3.0, -1e-300, 2.0, 1e300],
+            key("many", "d"): [float((i * 7919) % 1000) - 500.0 for i in range(1000)],
+            key("signed-zeros-many", "ms"): [(-0.0 if i % 3 else 0.0) for i in range(100)],
+        }
+    ),
+    "sets": window(
+        sets={
+            key("empty", "s"): set(),
+            key("users", "s"): {f"u{i}" for i in range(40)},
+            key("long", "s"): {"x" * 40, "y" * 300, "z" * 70_000},
+            key("at-the-limit", "s"): {str(i) for i in range(SET_EXACT_LIMIT)},
+        }
+    ),
+    "timestamped": window(counters={key("late", "c"): [1.0, 1.0]}),
+}
+
+#: windows C makes in part: (window, timer keys left, set keys left)
+MIXED_WINDOWS = {
+    "weighted-timer": (
+        window(
+            timers={key("w", "ms"): [1.0, 2.0], key("u", "ms"): [3.0]},
+            weights={key("w", "ms"): [4.0]},
+        ),
+        [key("w", "ms")],
+        [],
+    ),
+    "int-value": (window(timers={key("i", "ms"): [1.0, 2]}), [key("i", "ms")], []),
+    "non-ascii-member": (window(sets={key("s", "s"): {"é", "a"}}), [], [key("s", "s")]),
+    "int-member": (window(sets={key("s", "s"): {"a", 7}}), [], [key("s", "s")]),
+    "over-the-exact-limit": (
+        window(sets={key("big", "s"): {str(i) for i in range(SET_EXACT_LIMIT + 1)}}),
+        [],
+        [key("big", "s")],
+    ),
+    "over-the-bucket-cap": (
+        window(timers={key("wide", "ms"): [1.0101**i for i in range(MAX_BUCKETS + 1)]}),
+        [key("wide", "ms")],
+        [],
+    ),
+}
+
+#: windows C leaves whole to Python (None)
+PYTHON_WINDOWS = {
+    "counter-as-tuple": window(counters={key("a", "c"): (1.0, 1.0)}),
+    "gauge-of-two": window(gauges={key("g", "g"): [1.0, 1.0]}),
+    "key-not-a-triple": window(counters={("a", "c"): [1.0, 1.0]}),
+}
+
+
+def test_every_rollup_of_a_plain_window_is_made_in_c() -> None:
+    for closed in PLAIN_WINDOWS.values():
+        rollups, timers, sets = native_made(closed)
+        assert (timers, sets) == ([], [])
+        expected = len(closed.counters) + len(closed.timers) + len(closed.sets)
+        expected += len(set(closed.gauges) | set(closed.persisted or ()))
+        assert len(rollups) == expected
+
+
+@pytest.mark.parametrize("closed", PLAIN_WINDOWS.values(), ids=PLAIN_WINDOWS.keys())
+def test_window_rollups_are_the_python_rollups(
+    closed: ClosedWindow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # repr: -0.0 and 0.0 are equal, and the sign must be Python's too
+    assert repr(aggregate.snapshot(closed, PS)) == repr(python_snapshot(closed, monkeypatch))
+
+
+@pytest.mark.parametrize(
+    ("closed", "timers", "sets"), MIXED_WINDOWS.values(), ids=MIXED_WINDOWS.keys()
+)
+def test_window_rollups_leave_the_rest_to_python(
+    closed: ClosedWindow,
+    timers: list[SeriesKey],
+    sets: list[SeriesKey],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made = native_made(closed)
+    assert (made[1], made[2]) == (timers, sets)
+    assert repr(aggregate.snapshot(closed, PS)) == repr(python_snapshot(closed, monkeypatch))
+
+
+@pytest.mark.parametrize("closed", PYTHON_WINDOWS.values(), ids=PYTHON_WINDOWS.keys())
+def test_window_rollups_leave_an_odd_window_to_python(
+    closed: ClosedWindow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert native_made(closed) is None
+    assert outcome(lambda: aggregate.snapshot(closed, PS)) == outcome(
+        lambda: python_snapshot(closed, monkeypatch)
+    )
+
+
+def outcome(make: Callable[[], list[Rollup]]) -> str:
+    """The rollups' repr, or the error's type: what the caller gets."""
+    try:
+        return repr(make())
+    except Exception as exc:
+        return type(exc).__name__
+
+
+def test_window_rollups_raise_as_python_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsum's intermediate overflow is the same OverflowError either way."""
+    closed = window(timers={key("huge", "ms"): [1.7e308, 1.7e308]})
+    with pytest.raises(OverflowError):
+        aggregate.snapshot(closed, PS)
+    with pytest.raises(OverflowError):
+        python_snapshot(closed, monkeypatch)
+
+
+def test_window_rollups_bad_arguments() -> None:
+    with pytest.raises(TypeError):
+        native.window_rollups(Rollup, START, PS)
+    with pytest.raises(TypeError, match="dicts"):
+        native.window_rollups(
+            Rollup, START, PS, [], {}, None, {}, {}, {}, aggregate._NATIVE_CONSTANTS
+        )
+    with pytest.raises(TypeError, match="percentiles"):
+        native.window_rollups(
+            Rollup, START, (50,), {}, {}, None, {}, {}, {}, aggregate._NATIVE_CONSTANTS
+        )
+
+
+finite = st.floats(
+    allow_nan=False, allow_infinity=False, width=64, min_value=-1e300, max_value=1e300
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    counters=st.dictionaries(st.text("abc", max_size=3), st.tuples(finite, finite), max_size=5),
+    timers=st.dictionaries(
+        st.text("abc", max_size=3),
+        st.lists(st.one_of(finite, st.sampled_from([0.0, -0.0, 1.0])), min_size=1, max_size=80),
+        max_size=5,
+    ),
+    weighted=st.sets(st.text("abc", max_size=3), max_size=2),
+    gauges=st.dictionaries(
+        st.text("abc", max_size=3), st.tuples(finite, finite, finite), max_size=4
+    ),
+    held=st.one_of(st.none(), st.dictionaries(st.text("abcd", max_size=3), finite, max_size=4)),
+    sets=st.dictionaries(
+        st.text("abc", max_size=3), st.sets(st.text(max_size=4), max_size=30), max_size=4
+    ),
+)
+def test_snapshot_of_any_window(
+    counters: dict[str, tuple[float, float]],
+    timers: dict[str, list[float]],
+    weighted: set[str],
+    gauges: dict[str, tuple[float, float, float]],
+    held: dict[str, float] | None,
+    sets: dict[str, set[str]],
+) -> None:
+    closed = window(
+        counters={key(n, "c"): list(v) for n, v in counters.items()},
+        timers={key(n, "ms"): v for n, v in timers.items()},
+        weights={key(n, "ms"): [0.5] for n in weighted if n in timers},
+        gauges={key(n, "g"): list(v) for n, v in gauges.items()},
+        sets={key(n, "s"): v for n, v in sets.items()},
+        persisted=None if held is None else {key(n, "g"): v for n, v in held.items()},
+    )
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        pure = outcome(lambda: python_snapshot(closed, monkeypatch))
+    assert outcome(lambda: aggregate.snapshot(closed, PS)) == pure
