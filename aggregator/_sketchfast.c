@@ -20,6 +20,10 @@
  * and returns None (Python makes them all) when a part of the window is not
  * in the form the aggregator keeps.
  *
+ * fold_rows(...) folds one window's rows into the running columns of the
+ * minute being filled, as storage._Pending.add does when the window holds
+ * the same series in the same order, and declines (None) anything else.
+ *
  * The first three return the very bytes of the Python path, or None where that path
  * must decide: a value that is not a finite float, a blob that is not the
  * plain form (every weight a whole number below 2**53, floats as float64,
@@ -1091,6 +1095,87 @@ finally:
     return result;
 }
 
+/* ------------------------------------------------------------ fold_rows */
+
+/* storage._Pending.add's common case: a window of the very series of the
+ * bucket's columns, in their order, every count, sum, min and max of it a
+ * finite float and every column value a float. Returns the new
+ * (count, sum, min, max, last, states) columns, or None (Python folds). */
+static PyObject *
+fold_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "fold_rows(rows, sids, count, sum, min, max)");
+        return NULL;
+    }
+    for (int k = 0; k < 6; k++) {
+        if (!PyList_CheckExact(args[k]))
+            Py_RETURN_NONE;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(args[0]);
+    for (int k = 1; k < 6; k++) {
+        if (PyList_GET_SIZE(args[k]) != n)
+            Py_RETURN_NONE;
+    }
+    PyObject *out[6] = {NULL, NULL, NULL, NULL, NULL, NULL};
+    PyObject *result = NULL;
+    for (int k = 0; k < 6; k++) {
+        out[k] = PyList_New(n);
+        if (out[k] == NULL)
+            goto finally;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *row = PyList_GET_ITEM(args[0], i);
+        if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) < 10)
+            goto decline;
+        int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(row, 3),
+                                            PyList_GET_ITEM(args[1], i), Py_EQ);
+        if (same < 0)
+            goto finally;
+        if (!same)
+            goto decline;
+        PyObject *held[4], *fresh[4];
+        for (int k = 0; k < 4; k++) {
+            held[k] = PyList_GET_ITEM(args[2 + k], i);
+            fresh[k] = PyTuple_GET_ITEM(row, 4 + k);
+            if (!PyFloat_CheckExact(held[k]) || !PyFloat_CheckExact(fresh[k])
+                || !isfinite(PyFloat_AS_DOUBLE(fresh[k])))
+                goto decline;
+        }
+        PyObject *count = PyFloat_FromDouble(PyFloat_AS_DOUBLE(held[0]) + PyFloat_AS_DOUBLE(fresh[0]));
+        PyObject *sum = PyFloat_FromDouble(PyFloat_AS_DOUBLE(held[1]) + PyFloat_AS_DOUBLE(fresh[1]));
+        if (count == NULL || sum == NULL) {
+            Py_XDECREF(count);
+            Py_XDECREF(sum);
+            goto finally;
+        }
+        PyList_SET_ITEM(out[0], i, count);
+        PyList_SET_ITEM(out[1], i, sum);
+        /* min(a, b) and max(a, b): a unless b is strictly beyond it */
+        PyObject *low = PyFloat_AS_DOUBLE(fresh[2]) < PyFloat_AS_DOUBLE(held[2]) ? fresh[2] : held[2];
+        PyObject *high = PyFloat_AS_DOUBLE(fresh[3]) > PyFloat_AS_DOUBLE(held[3]) ? fresh[3] : held[3];
+        PyList_SET_ITEM(out[2], i, Py_NewRef(low));
+        PyList_SET_ITEM(out[3], i, Py_NewRef(high));
+        PyList_SET_ITEM(out[4], i, Py_NewRef(PyTuple_GET_ITEM(row, 8)));
+        PyList_SET_ITEM(out[5], i, Py_NewRef(PyTuple_GET_ITEM(row, 9)));
+    }
+    result = PyTuple_New(6);
+    if (result == NULL)
+        goto finally;
+    for (int k = 0; k < 6; k++) {
+        PyTuple_SET_ITEM(result, k, out[k]);
+        out[k] = NULL;
+    }
+    goto finally;
+decline:
+    result = Py_NewRef(Py_None);
+finally:
+    /* unset items of a list are NULL: list_dealloc skips them */
+    for (int k = 0; k < 6; k++)
+        Py_XDECREF(out[k]);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"sketch_bytes", (PyCFunction)(void (*)(void))sketch_bytes, METH_FASTCALL,
      "sketch_bytes(values, low, high, inv_log_gamma, max_buckets) -> bytes or None: "
@@ -1104,6 +1189,9 @@ static PyMethodDef module_methods[] = {
      "window_rollups(rollup, start, percentiles, counters, gauges, persisted, timers, weights, "
      "sets, constants) -> (rollups, timer keys left, set keys left), or None: "
      "aggregate.snapshot's rollups, unsorted."},
+    {"fold_rows", (PyCFunction)(void (*)(void))fold_rows, METH_FASTCALL,
+     "fold_rows(rows, sids, count, sum, min, max) -> (count, sum, min, max, last, states) "
+     "or None: storage._Pending.add of a window of the bucket's series in its order."},
     {NULL, NULL, 0, NULL},
 };
 

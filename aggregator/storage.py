@@ -147,6 +147,7 @@ from typing import Any, Protocol
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
+from .fastpath import sketch_native
 from .model import (
     CHECK_STATUS_TEXT,
     COUNTER,
@@ -1006,6 +1007,14 @@ class _Pending:
             self.valid = False
             return
         self.last_ts = ts
+        if sketch_native is not None:  # the common case in C: the same series, in order
+            folded = sketch_native.fold_rows(
+                window, self.sids, self.count, self.sum, self.min, self.max
+            )
+            if folded is not None:
+                self.count, self.sum, self.min, self.max, self.last, states = folded
+                self.states.append(states)
+                return
         sids = list(map(_SERIES_ID, window))
         mins = list(map(_MIN, window))
         maxs = list(map(_MAX, window))

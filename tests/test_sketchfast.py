@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator import aggregate, sketch
+from aggregator import aggregate, sketch, storage
 from aggregator.aggregate import ClosedWindow
 from aggregator.fastpath import sketch_native
 from aggregator.model import Rollup, SeriesKey
@@ -509,3 +509,86 @@ def test_snapshot_of_any_window(
     with pytest.MonkeyPatch.context() as monkeypatch:
         pure = outcome(lambda: python_snapshot(closed, monkeypatch))
     assert outcome(lambda: aggregate.snapshot(closed, PS)) == pure
+
+
+# ------------------------------------------------------------ fold_rows
+
+
+def pending_after(windows: list[list[tuple[object, ...]]], fast: bool) -> str:
+    """What storage._Pending holds after folding ``windows``, with or without C."""
+    with pytest.MonkeyPatch.context() as m:
+        if not fast:
+            m.setattr(storage, "sketch_native", None)
+        pending = storage._Pending(0)
+        for n, rows in enumerate(windows):
+            pending.add(10 * n, rows)
+    columns = ("valid", "sids", "count", "sum", "min", "max", "last", "states")
+    return repr([getattr(pending, name) for name in columns])
+
+
+def rows_of(sids: list[int], values: list[tuple[object, ...]], ts: int) -> list[tuple[object, ...]]:
+    return [
+        (10, ts, 1, sid, count, total, low, high, last, state, "c")
+        for sid, (count, total, low, high, last, state) in zip(sids, values, strict=True)
+    ]
+
+
+def test_fold_rows_takes_the_same_series_in_order() -> None:
+    first = rows_of([1, 2], [(1.0, 2.0, -0.0, 3.0, 3.0, None), (1.0, 1.0, 1.0, 1.0, 1.0, b"x")], 0)
+    again = rows_of([1, 2], [(1.0, 5.0, 0.0, 9.0, 9.0, None), (2.0, 2.0, 0.5, 1.0, 1.0, b"y")], 10)
+    pending = storage._Pending(0)
+    pending.add(0, first)
+    made = native.fold_rows(
+        again, pending.sids, pending.count, pending.sum, pending.min, pending.max
+    )
+    assert made is not None
+    assert repr(made) == repr(
+        ([2.0, 3.0], [7.0, 3.0], [-0.0, 0.5], [9.0, 1.0], [9.0, 1.0], [None, b"y"])
+    )
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 3, None, "1"], ids=repr)
+def test_fold_rows_leaves_odd_values_to_python(value: object) -> None:
+    sids = [1, 2]
+    plain = (1.0, 1.0, 1.0, 1.0, 1.0, None)
+    odd = (value, 1.0, value, 1.0, 1.0, None)
+    first = rows_of(sids, [plain, plain], 0)
+    again = rows_of(sids, [plain, odd], 10)
+    pending = storage._Pending(0)
+    pending.add(0, first)
+    columns = (pending.sids, pending.count, pending.sum, pending.min, pending.max)
+    assert native.fold_rows(again, *columns) is None
+    assert pending_after([first, again], fast=True) == pending_after([first, again], fast=False)
+
+
+def test_fold_rows_leaves_other_series_to_python() -> None:
+    plain = (1.0, 1.0, 1.0, 1.0, 1.0, None)
+    first = rows_of([1, 2], [plain, plain], 0)
+    for sids in ([2, 1], [1, 3], [1], [1, 2, 3]):
+        again = rows_of(sids, [plain] * len(sids), 10)
+        pending = storage._Pending(0)
+        pending.add(0, first)
+        columns = (pending.sids, pending.count, pending.sum, pending.min, pending.max)
+        assert native.fold_rows(again, *columns) is None
+        assert pending_after([first, again], fast=True) == pending_after([first, again], False)
+
+
+folded_value = st.one_of(
+    st.sampled_from([0.0, -0.0, 1.0, 0.1, 0.2, 1e16, -1e16, 5e-324, 1e308]),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(*[folded_value] * 5, st.sampled_from([None, b"s"])), min_size=3, max_size=3
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_fold_rows_of_any_windows(windows: list[list[tuple[object, ...]]]) -> None:
+    rows = [rows_of([1, 2, 3], values, 10 * n) for n, values in enumerate(windows)]
+    assert pending_after(rows, fast=True) == pending_after(rows, fast=False)

@@ -877,13 +877,19 @@ def tricky_minutes(seed: int) -> list[list[Rollup]]:
     return flushes
 
 
+@pytest.mark.parametrize("fold_in_c", [True, False], ids=["fold-in-c", "fold-in-python"])
 def test_minutes_compacted_in_memory_are_the_rows_sql_compacts(
-    open_storage: Callable[..., Storage], monkeypatch: pytest.MonkeyPatch
+    open_storage: Callable[..., Storage], monkeypatch: pytest.MonkeyPatch, fold_in_c: bool
 ) -> None:
     """The writer folds tier 1's bucket as it writes the windows; what it stores
     must be exactly what _COMPACT stores, bit for bit: sums added in the same
-    order, the same of two equal min values, NULLs, merged blobs, totals."""
+    order, the same of two equal min values, NULLs, merged blobs, totals. With
+    the C extension, _Pending.add folds the common windows there
+    (``fold_rows``); without it, all in Python."""
     from aggregator import storage as storage_module
+
+    if not fold_in_c:
+        monkeypatch.setattr(storage_module, "sketch_native", None)
 
     folded = []
     rows = storage_module._Pending.rows
