@@ -20,6 +20,9 @@
  * and returns None (Python makes them all) when a part of the window is not
  * in the form the aggregator keeps.
  *
+ * window_rows(...) turns one window's rollups into the writer's rows, with
+ * the series and metric ids of its cache, sorted as the b-tree is.
+ *
  * fold_rows(...) folds one window's rows into the running columns of the
  * minute being filled, as storage._Pending.add does when the window holds
  * the same series in the same order, and declines (None) anything else.
@@ -1176,6 +1179,109 @@ finally:
     return result;
 }
 
+/* ------------------------------------------------------------ window_rows */
+
+typedef struct {
+    long long metric;
+    long long series;
+    Py_ssize_t at;       /* the rollup's position: equal ids keep the window's order */
+    PyObject *ids;       /* (series id, metric id) of the cache */
+} Placed;
+
+static int
+placed_order(const void *a, const void *b)
+{
+    const Placed *x = a, *y = b;
+    if (x->metric != y->metric)
+        return x->metric < y->metric ? -1 : 1;
+    if (x->series != y->series)
+        return x->series < y->series ? -1 : 1;
+    return x->at < y->at ? -1 : x->at > y->at;
+}
+
+/* storage._Writer._write_rollups for one window: the _UPSERT row of each rollup,
+ * (r0, ts, metric id, series id, count, sum, min, max, last, state, type), in
+ * (metric id, series id) order; or, when the cache lacks some series, their
+ * keys, in the window's order, for the writer to create. */
+static PyObject *
+window_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyList_CheckExact(args[0]) || !PyDict_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "window_rows(rollups: list, series: dict, r0, ts)");
+        return NULL;
+    }
+    PyObject *window = args[0], *series = args[1], *r0 = args[2], *ts = args[3];
+    Py_ssize_t n = PyList_GET_SIZE(window);
+    Placed *placed = PyMem_Malloc(sizeof(Placed) * (size_t)(n ? n : 1));
+    if (placed == NULL)
+        return PyErr_NoMemory();
+    PyObject *missing = NULL, *rows = NULL, *result = NULL;
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *rollup = PyList_GET_ITEM(window, i);
+        if (!PyTuple_Check(rollup) || PyTuple_GET_SIZE(rollup) < 10) {
+            PyErr_SetString(PyExc_TypeError, "window_rows: a rollup is not a Rollup");
+            goto finally;
+        }
+        PyObject *key = PyTuple_Pack(3, PyTuple_GET_ITEM(rollup, 0), PyTuple_GET_ITEM(rollup, 1),
+                                     PyTuple_GET_ITEM(rollup, 2));
+        if (key == NULL)
+            goto finally;
+        PyObject *ids = PyDict_GetItemWithError(series, key);
+        if (ids == NULL) {
+            if (PyErr_Occurred() || (missing == NULL && (missing = PyList_New(0)) == NULL)
+                || PyList_Append(missing, key) < 0) {
+                Py_DECREF(key);
+                goto finally;
+            }
+            Py_DECREF(key);
+            continue;
+        }
+        Py_DECREF(key);
+        if (!PyTuple_CheckExact(ids) || PyTuple_GET_SIZE(ids) != 2) {
+            PyErr_SetString(PyExc_TypeError, "window_rows: the cache holds (series id, metric id)");
+            goto finally;
+        }
+        placed[k].series = PyLong_AsLongLong(PyTuple_GET_ITEM(ids, 0));
+        placed[k].metric = PyLong_AsLongLong(PyTuple_GET_ITEM(ids, 1));
+        if (PyErr_Occurred())
+            goto finally;
+        placed[k].at = i;
+        placed[k].ids = Py_NewRef(ids);
+        k++;
+    }
+    if (missing != NULL) {
+        result = PyTuple_Pack(2, Py_None, missing);
+        goto finally;
+    }
+    qsort(placed, (size_t)k, sizeof(Placed), placed_order);
+    rows = PyList_New(k);
+    if (rows == NULL)
+        goto finally;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        PyObject *rollup = PyList_GET_ITEM(window, placed[j].at);
+        PyObject *row = PyTuple_New(11);
+        if (row == NULL)
+            goto finally;
+        PyTuple_SET_ITEM(row, 0, Py_NewRef(r0));
+        PyTuple_SET_ITEM(row, 1, Py_NewRef(ts));
+        PyTuple_SET_ITEM(row, 2, Py_NewRef(PyTuple_GET_ITEM(placed[j].ids, 1)));
+        PyTuple_SET_ITEM(row, 3, Py_NewRef(PyTuple_GET_ITEM(placed[j].ids, 0)));
+        for (int c = 4; c < 10; c++)
+            PyTuple_SET_ITEM(row, c, Py_NewRef(PyTuple_GET_ITEM(rollup, c)));
+        PyTuple_SET_ITEM(row, 10, Py_NewRef(PyTuple_GET_ITEM(rollup, 1)));
+        PyList_SET_ITEM(rows, j, row);
+    }
+    result = PyTuple_Pack(2, rows, Py_None);
+finally:
+    for (Py_ssize_t j = 0; j < k; j++)
+        Py_DECREF(placed[j].ids);
+    PyMem_Free(placed);
+    Py_XDECREF(missing);
+    Py_XDECREF(rows);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"sketch_bytes", (PyCFunction)(void (*)(void))sketch_bytes, METH_FASTCALL,
      "sketch_bytes(values, low, high, inv_log_gamma, max_buckets) -> bytes or None: "
@@ -1189,6 +1295,9 @@ static PyMethodDef module_methods[] = {
      "window_rollups(rollup, start, percentiles, counters, gauges, persisted, timers, weights, "
      "sets, constants) -> (rollups, timer keys left, set keys left), or None: "
      "aggregate.snapshot's rollups, unsorted."},
+    {"window_rows", (PyCFunction)(void (*)(void))window_rows, METH_FASTCALL,
+     "window_rows(rollups, series, r0, ts) -> (rows, None) or (None, keys the cache lacks): "
+     "the _UPSERT rows of one window, in (metric id, series id) order."},
     {"fold_rows", (PyCFunction)(void (*)(void))fold_rows, METH_FASTCALL,
      "fold_rows(rows, sids, count, sum, min, max) -> (count, sum, min, max, last, states) "
      "or None: storage._Pending.add of a window of the bucket's series in its order."},

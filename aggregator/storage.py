@@ -1226,24 +1226,19 @@ class _Writer:
         # Windows from before tier 1's watermark are late: check each one.
         late_before = self.state[1].complete_until if len(self.state) > 1 else None
         rows: list[tuple[Any, ...]] = []
+        windows = 0
         for start, group in groupby(rollups, key=_START):  # one group per window
             ts = start - start % r0
             window = list(group)
             if late_before is not None and ts < late_before and not self._recomputable(ts):
                 self.storage.late_dropped += len(window)
                 continue
-            ids = self._window_ids(window, ts)
-            # the rows are built in C: a flush of 100k series spends no Python per row here
-            rows.extend(
-                zip(
-                    repeat(r0), repeat(ts), map(_ID_METRIC, ids), map(_ID_SERIES, ids),
-                    *(map(itemgetter(i), window) for i in _ROLLUP_COLUMNS),
-                )
-            )  # fmt: skip
+            rows.extend(self._window_rows(window, r0, ts))
+            windows += 1
         if not rows:
             return {}
-        # Key order = b-tree order: the inserts become appends, pages stay full.
-        rows.sort(key=itemgetter(1, 2, 3))
+        if windows > 1:  # each window's rows come sorted; the windows, newest first
+            rows.sort(key=_TS)
         if self.fold:
             self._fold(rows)
         self.conn.executemany(_UPSERT, rows)
@@ -1280,6 +1275,25 @@ class _Writer:
             ).fetchone()
             self.pending = _Pending(bucket, valid=not held)
             self.pending.add(ts, group if group is rows else list(group))
+
+    def _window_rows(self, window: list[Rollup], r0: int, ts: int) -> list[tuple[Any, ...]]:
+        """The _UPSERT rows of one window, in key order, which is the b-tree's
+        (the inserts become appends, pages stay full); in C when it is built."""
+        if sketch_native is not None:
+            rows, missing = sketch_native.window_rows(window, self.series, r0, ts)
+            if missing:
+                self._add_series(missing, ts)
+                rows, missing = sketch_native.window_rows(window, self.series, r0, ts)
+            return rows  # type: ignore[no-any-return]
+        ids = self._window_ids(window, ts)
+        rows = list(
+            zip(
+                repeat(r0), repeat(ts), map(_ID_METRIC, ids), map(_ID_SERIES, ids),
+                *(map(itemgetter(i), window) for i in _ROLLUP_COLUMNS),
+            )
+        )  # fmt: skip
+        rows.sort(key=itemgetter(2, 3))
+        return rows
 
     def _window_ids(self, window: list[Rollup], ts: int) -> list[tuple[int, int]]:
         """(series id, metric id) of each rollup; only cache misses cost Python."""

@@ -592,3 +592,36 @@ folded_value = st.one_of(
 def test_fold_rows_of_any_windows(windows: list[list[tuple[object, ...]]]) -> None:
     rows = [rows_of([1, 2, 3], values, 10 * n) for n, values in enumerate(windows)]
     assert pending_after(rows, fast=True) == pending_after(rows, fast=False)
+
+
+# ------------------------------------------------------------ window_rows
+
+
+def test_window_rows_sorts_by_ids_and_keeps_the_order_of_equal_ones() -> None:
+    def rollup(name: str, tags: tuple[tuple[str, str], ...], last: float) -> Rollup:
+        return Rollup(name, "c", tags, START, 1.0, 2.0, 3.0, 4.0, last, None)
+
+    ab, ba = (("a", "1"), ("b", "2")), (("b", "2"), ("a", "1"))
+    cache = {("x", "c", ab): (7, 2), ("x", "c", ba): (7, 2), ("y", "c", ()): (3, 1)}
+    window = [rollup("x", ab, 1.0), rollup("y", (), 2.0), rollup("x", ba, 3.0)]
+    rows, missing = native.window_rows(window, cache, 10, START)
+    assert missing is None
+    assert rows == [
+        (10, START, 1, 3, 1.0, 2.0, 3.0, 4.0, 2.0, None, "c"),
+        (10, START, 2, 7, 1.0, 2.0, 3.0, 4.0, 1.0, None, "c"),  # the same series twice:
+        (10, START, 2, 7, 1.0, 2.0, 3.0, 4.0, 3.0, None, "c"),  # in the window's order
+    ]
+
+
+def test_window_rows_names_the_series_the_cache_lacks() -> None:
+    window = [
+        Rollup(name, "c", (), START, 1.0, 1.0, 1.0, 1.0, 1.0, None) for name in ("b", "a", "c")
+    ]
+    assert native.window_rows(window, {("a", "c", ()): (1, 1)}, 10, START) == (
+        None,
+        [("b", "c", ()), ("c", "c", ())],
+    )
+    with pytest.raises(TypeError):
+        native.window_rows(window, {("a", "c", ()): 1, ("b", "c", ()): 1, ("c", "c", ()): 1}, 10, 0)
+    with pytest.raises(TypeError):
+        native.window_rows([("a",)], {}, 10, 0)

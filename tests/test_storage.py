@@ -938,6 +938,38 @@ def test_minutes_compacted_in_memory_are_the_rows_sql_compacts(
     assert folded == [True, True, False, False, False, True, True, False, True, True, True, True]
 
 
+def test_the_c_rows_are_the_python_rows(
+    open_storage: Callable[..., Storage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the C extension the writer builds each window's rows and folds the
+    minute in C (``window_rows``, ``fold_rows``); the file must be the one the
+    Python path writes, byte for byte, series ids and tag orders included."""
+    from aggregator import storage as storage_module
+
+    if storage_module.sketch_native is None:
+        pytest.skip("the C extension is not built")
+    with_c, without_c = open_storage("c.db"), open_storage("python.db")
+    flushes = tricky_minutes(5)
+    for n, batch in enumerate(flushes):
+        if n % 7 == 3:  # two windows in one write: their rows are merged by ts
+            batch = [*batch, *flushes[n - 1]]
+        with_c.write(batch)
+        with monkeypatch.context() as m:
+            m.setattr(storage_module, "sketch_native", None)
+            without_c.write(batch)
+
+    def dump(storage: Storage) -> str:
+        with sqlite3.connect(storage.path) as conn:
+            return repr(
+                [
+                    conn.execute(f"SELECT * FROM {table} ORDER BY 1, 2, 3").fetchall()
+                    for table in ("rollups", "totals", "series", "series_tags", "metrics", "tiers")
+                ]
+            )
+
+    assert dump(with_c) == dump(without_c)
+
+
 def test_a_malformed_sketch_fails_the_minute_as_sql_does(
     open_storage: Callable[..., Storage],
 ) -> None:
