@@ -1,9 +1,9 @@
 """The C extensions; everything else is in pyproject.toml.
 
 aggregator/_fastpath.c is the per-line intake path, aggregator/_sketchfast.c
-the flush's sketch serialization and merging. ``optional=True``: without a C
-compiler the package still installs and the daemon runs the pure-Python
-paths (slower, same results).
+the flush's per-series work (sketches, rollups, storage rows).
+``optional=True``: without a C compiler the package still installs and the
+daemon runs the pure-Python paths (slower, same results).
 """
 
 from setuptools import Extension, setup
