@@ -31,7 +31,7 @@ from aiohttp import web
 from . import api, listeners, operations
 from .aggregate import Aggregator, ClosedWindow, merge_worker_windows, snapshot
 from .config import Config, ConfigError, split_address
-from .intake import Intake, quiet_gc
+from .intake import Intake, paused_gc, quiet_gc
 from .limits import Budget, Drops
 from .model import Event, Rollup, SeriesKey, ServiceCheck
 from .notify import Notifier
@@ -212,7 +212,21 @@ class Daemon:
         started: float,
         merge: tuple[Sequence[concurrent.futures.Future[Report]], Budget] | None = None,
     ) -> None:
-        """Runs in the writer thread: merge the workers' windows, snapshot, one transaction.
+        """Runs in the writer thread: the flush, with the cycle collector paused."""
+        with paused_gc():
+            self._write_flush(closed, events, checks, gauges, started, merge)
+            closed.clear()  # the windows go before the collector is back
+
+    def _write_flush(
+        self,
+        closed: list[ClosedWindow],
+        events: list[tuple[Event, int]],
+        checks: list[tuple[ServiceCheck, int]],
+        gauges: dict[SeriesKey, float],
+        started: float,
+        merge: tuple[Sequence[concurrent.futures.Future[Report]], Budget] | None,
+    ) -> None:
+        """Merge the workers' windows, snapshot, one transaction.
 
         Where the time went is kept per phase (``last_flush_phases``): queued
         behind the previous flush, waiting for the workers' windows and

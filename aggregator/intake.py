@@ -15,8 +15,9 @@ windows and counts.
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .aggregate import Aggregator
 from .fastpath import native
@@ -129,3 +130,23 @@ def quiet_gc() -> None:
     """
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 10)
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cycle collection while the block runs (a flush, in the writer thread).
+
+    A flush makes and drops about a million tracked objects (the merged
+    window, the rollups, the rows). They outlive many first-generation
+    runs, so the second generation walked them too: 50-90 ms, in one
+    100k-series flush in three. What the block frees is off the
+    collector's count again, so only what it keeps comes due afterwards.
+    Nothing is missed: a cycle made meanwhile waits for the next run.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -13,6 +13,7 @@ bad values of every type, and Hypothesis-made reads from the same pieces.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import struct
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 
 from aggregator.aggregate import Aggregator, WorkerAggregator, snapshot
 from aggregator.fastpath import native
-from aggregator.intake import Intake
+from aggregator.intake import Intake, paused_gc
 from aggregator.limits import Drops, Limits
 from aggregator.protocol import Parser
 from tests.test_protocol import PARSER_VECTORS, vector_input
@@ -324,3 +325,20 @@ async def test_a_datagram_read_is_the_same_either_way(
         sender.close()
     assert got == sent[:10] + sent[11:]
     assert (stats.packets, stats.bytes, stats.too_large) == (600, sum(map(len, sent)), 1)
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_paused_gc_stops_the_collector_for_the_block_and_restores_its_state(
+    enabled_before: bool,
+) -> None:
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled_before else gc.disable)()
+        with paused_gc():
+            assert not gc.isenabled()
+        assert gc.isenabled() is enabled_before
+        with pytest.raises(RuntimeError), paused_gc():
+            raise RuntimeError("a failed flush")
+        assert gc.isenabled() is enabled_before
+    finally:
+        (gc.enable if was else gc.disable)()
