@@ -915,6 +915,22 @@ class _MetricInfo:
     first_seen: int
     last_seen: int  # as stored
     totals_from: int | None
+    #: last_seen is rewritten by the first window from this start on (_seen_phase)
+    due: int = 0
+
+
+def _seen_phase(ident: int, every: int, step: int) -> int:
+    """How much earlier than ``every`` after it was written a last_seen is
+    first rewritten: 0, step, 2 step ... below ``every``, by id.
+
+    The series and metrics that a flush creates together would otherwise
+    come due together, and one flush in every ``every`` seconds would
+    rewrite all of their rows (100k metrics: about 0.25 s). Spread, each
+    flush rewrites a share; a row is still rewritten at least every
+    ``every`` seconds, and exactly that often after its first time.
+    """
+    slots = every // step
+    return ident % slots * step if slots > 1 else 0
 
 
 #: a rollup's series key, its window start, and the fields of _UPSERT's ?5..?11
@@ -1132,7 +1148,7 @@ class _Writer:
         self.conn.create_aggregate("merge_states", 2, _MergeStates)  # type: ignore[arg-type]
         #: (name, type, tags as sent) -> (series id, metric id)
         self.series: dict[tuple[str, str, Tags], tuple[int, int]] = {}
-        #: series id -> last_seen as stored
+        #: series id -> last_seen as stored, less its _seen_phase until first rewritten
         self.series_seen: dict[int, int] = {}
         self.metrics: dict[tuple[str, str], _MetricInfo] = {}
         self.metric_by_id: dict[int, _MetricInfo] = {}
@@ -1165,6 +1181,7 @@ class _Writer:
         self.metrics.clear()
         self.metric_by_id.clear()
         counts = dict(conn.execute("SELECT metric_id, count(*) FROM series GROUP BY 1"))
+        r0 = self.tiers[0].resolution
         ((self.next_series_id,),) = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM series")
         ((self.next_metric_id,),) = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM metrics")
         for metric_id, name, type_code, first, last, totals_from in conn.execute(
@@ -1173,6 +1190,7 @@ class _Writer:
             info = _MetricInfo(
                 metric_id, name, type_code, counts.get(metric_id, 0), first, last, totals_from
             )
+            info.due = last + METRIC_SEEN_EVERY - _seen_phase(metric_id, METRIC_SEEN_EVERY, r0)
             self.metrics[(name, type_code)] = info
             self.metric_by_id[metric_id] = info
         for series_id, metric_id, name, type_code, tags, last in conn.execute(
@@ -1180,7 +1198,7 @@ class _Writer:
         ):
             key = (name, type_code, tuple((k, v) for k, v in json.loads(tags)))
             self.series[key] = (series_id, metric_id)
-            self.series_seen[series_id] = last
+            self.series_seen[series_id] = last - _seen_phase(series_id, SERIES_SEEN_EVERY, r0)
         rows = {
             row[0]: row
             for row in conn.execute(
@@ -1331,6 +1349,7 @@ class _Writer:
         ``executemany``.
         """
         first_new_metric = self.next_metric_id
+        r0 = self.tiers[0].resolution
         new_metrics: list[_MetricInfo] = []
         totals_moved: list[_MetricInfo] = []
         series_rows: list[tuple[Any, ...]] = []
@@ -1351,7 +1370,7 @@ class _Writer:
                 if self._count_series(metric) and metric.id < first_new_metric:
                     totals_moved.append(metric)
                 ids = (series_id, metric.id)
-                self.series_seen[series_id] = ts
+                self.series_seen[series_id] = ts - _seen_phase(series_id, SERIES_SEEN_EVERY, r0)
                 self.series[(name, type_code, tags)] = ids
             self.series[(name, type_code, raw)] = ids
         conn = self.conn
@@ -1376,6 +1395,8 @@ class _Writer:
     def _new_metric(self, name: str, type_code: str, ts: int) -> _MetricInfo:
         """A metric for the cache, stored by the caller."""
         info = _MetricInfo(self.next_metric_id, name, type_code, 0, ts, ts, None)
+        r0 = self.tiers[0].resolution
+        info.due = ts + METRIC_SEEN_EVERY - _seen_phase(info.id, METRIC_SEEN_EVERY, r0)
         self.next_metric_id += 1
         self.metrics[(name, type_code)] = info
         self.metric_by_id[info.id] = info
@@ -1415,7 +1436,7 @@ class _Writer:
             moving.update(
                 info.id
                 for info in map(by_id.__getitem__, mids)
-                if ts >= info.last_seen + METRIC_SEEN_EVERY or ts < info.first_seen
+                if ts >= info.due or ts < info.first_seen
             )
         if series_rows:
             self.conn.executemany(
@@ -1434,9 +1455,10 @@ class _Writer:
         metric_rows = []
         for metric_id, (first, last) in metric_span.items():
             info = by_id[metric_id]
-            moved = last >= info.last_seen + METRIC_SEEN_EVERY
             info.first_seen = min(info.first_seen, first)
-            info.last_seen = last if moved else info.last_seen
+            if last >= info.due:
+                info.last_seen = last
+                info.due = last + METRIC_SEEN_EVERY
             metric_rows.append((info.first_seen, info.last_seen, metric_id))
         self.conn.executemany(
             "UPDATE metrics SET first_seen = ?, last_seen = ? WHERE id = ?", metric_rows

@@ -23,6 +23,7 @@ from aggregator.model import Event, Rollup, ServiceCheck, Tags
 from aggregator.sketch import SetState, Sketch
 from aggregator.storage import (
     MAX_AUTO_POINTS,
+    METRIC_SEEN_EVERY,
     PRUNE_EVERY,
     QueryError,
     Storage,
@@ -520,7 +521,9 @@ def test_distinct_tag_values_of_series_seen_long_ago_or_lately(
     storage = open_storage()
     storage.write([counter("views", T0, 1.0, (("user_id", "old"),))])
     storage.write([counter("views", T0 + 10, 1.0, (("user_id", "late"),))])
-    for ts in (T0 + 600, T0 + 1800, T0 + HOUR - 10):  # "late" again: last_seen stays T0 + 10
+    # "late" (series 2, first rewritten 20 s early: _seen_phase) again before
+    # T0 + 10 + HOUR - 20: its last_seen stays T0 + 10
+    for ts in (T0 + 600, T0 + 1800, T0 + HOUR - 30):
         storage.write([counter("views", ts, 1.0, (("user_id", "late"),))])
     storage.write([counter("views", T0 + 2 * HOUR, 1.0, (("user_id", "new"),))])
     with sqlite3.connect(storage.path) as conn:
@@ -531,6 +534,28 @@ def test_distinct_tag_values_of_series_seen_long_ago_or_lately(
     assert distinct(["views"], "user_id", T0 + HOUR - 60, T0 + 3 * HOUR) == {"late", "new"}
     assert distinct(["views"], "user_id", T0 + HOUR, T0 + 3 * HOUR) == {"new"}
     assert distinct(["views"], "user_id", T0, T0 + 3 * HOUR) == {"old", "late", "new"}
+
+
+def test_last_seen_rewrites_of_series_made_together_are_spread_over_the_flushes(
+    open_storage: Callable[..., Storage],
+) -> None:
+    """Twelve metrics (one series each) written every 10 s for five minutes:
+    each flush rewrites the last_seen of at most two, and no stored
+    last_seen ever falls METRIC_SEEN_EVERY behind the rows written."""
+    storage = open_storage()
+    names = [f"m{i:02}" for i in range(12)]
+    rewritten = []
+    before: dict[str, int] = {}
+    for ts in range(T0, T0 + 300, 10):
+        storage.write([counter(name, ts, 1.0) for name in names])
+        with sqlite3.connect(storage.path) as conn:
+            seen = dict(conn.execute("SELECT name, last_seen FROM metrics"))
+        assert min(seen.values()) > ts - METRIC_SEEN_EVERY
+        if before:
+            rewritten.append(sum(seen[n] != before[n] for n in names))
+        before = seen
+    assert max(rewritten) <= 2
+    assert sum(rewritten) >= 12 * (300 - METRIC_SEEN_EVERY) // METRIC_SEEN_EVERY
 
 
 def test_list_metrics(open_storage: Callable[..., Storage]) -> None:
