@@ -1,7 +1,7 @@
 """The C extensions; everything else is in pyproject.toml.
 
 aggregator/_fastpath.c is the per-line intake path, aggregator/_sketchfast.c
-the flush's per-series work (sketches, rollups, storage rows).
+the flush's per-series work (workers' windows, sketches, rollups, storage rows).
 ``optional=True``: without a C compiler the package still installs and the
 daemon runs the pure-Python paths (slower, same results).
 """

@@ -27,6 +27,10 @@
  * minute being filled, as storage._Pending.add does when the window holds
  * the same series in the same order, and declines (None) anything else.
  *
+ * merge_series(...) folds an ingest worker's window into the daemon's, as
+ * aggregate._merge_series does, admitting each new series as
+ * limits.Budget.admit would (calling it when a limit is reached).
+ *
  * The first three return the very bytes of the Python path, or None where that path
  * must decide: a value that is not a finite float, a blob that is not the
  * plain form (every weight a whole number below 2**53, floats as float64,
@@ -1282,6 +1286,330 @@ finally:
     return result;
 }
 
+/* ------------------------------------------------------------ workers' windows */
+
+/* limits.Budget.admit for the series new to a flush, read once per merge:
+ * a series that passes every check is counted here, as admit counts it;
+ * one that fails a check goes to admit itself, which decides and records
+ * the drop with its reason. */
+typedef struct {
+    PyObject *budget;  /* borrowed; Py_None: every series enters */
+    PyObject *per_metric, *gauges_per_metric;
+    long long created, persisted, max_series, max_per_metric, max_name, max_tags, max_tag;
+} Admission;
+
+static long long
+long_attr(PyObject *obj, const char *name)
+{
+    PyObject *value = PyObject_GetAttrString(obj, name);
+    if (value == NULL)
+        return -1;
+    long long out = PyLong_AsLongLong(value);
+    Py_DECREF(value);
+    return out;
+}
+
+static int
+admission_open(Admission *a, PyObject *budget, long long persisted)
+{
+    memset(a, 0, sizeof(*a));
+    a->budget = budget;
+    a->persisted = persisted;
+    if (budget == Py_None)
+        return 0;
+    PyObject *limits = PyObject_GetAttrString(budget, "limits");
+    if (limits == NULL)
+        return -1;
+    a->max_series = long_attr(limits, "max_series");
+    a->max_per_metric = long_attr(limits, "max_series_per_metric");
+    a->max_name = long_attr(limits, "max_name_length");
+    a->max_tags = long_attr(limits, "max_tags");
+    a->max_tag = long_attr(limits, "max_tag_length");
+    Py_DECREF(limits);
+    a->created = long_attr(budget, "created");
+    if (PyErr_Occurred())
+        return -1;
+    a->per_metric = PyObject_GetAttrString(budget, "per_metric");
+    a->gauges_per_metric = PyObject_GetAttrString(budget, "gauges_per_metric");
+    if (a->per_metric == NULL || a->gauges_per_metric == NULL)
+        return -1;
+    if (!PyDict_CheckExact(a->per_metric) || !PyDict_CheckExact(a->gauges_per_metric)) {
+        PyErr_SetString(PyExc_TypeError, "merge_series: the budget's counts are not dicts");
+        return -1;
+    }
+    return 0;
+}
+
+/* Writes the count back; call once, after the merge (or on its error). */
+static int
+admission_close(Admission *a)
+{
+    int rc = 0;
+    if (a->budget != Py_None && a->per_metric != NULL) {
+        PyObject *created = PyLong_FromLongLong(a->created);
+        rc = (created == NULL || PyObject_SetAttrString(a->budget, "created", created) < 0)
+                 ? -1 : 0;
+        Py_XDECREF(created);
+    }
+    Py_CLEAR(a->per_metric);
+    Py_CLEAR(a->gauges_per_metric);
+    return rc;
+}
+
+static long long
+count_of(PyObject *counts, PyObject *name)
+{
+    PyObject *n = PyDict_GetItemWithError(counts, name);
+    if (n == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    return PyLong_AsLongLong(n);
+}
+
+/* Does every check of Budget.admit pass?  1 yes, 0 no, -1 error; *in_metric
+ * is the name's count so far. */
+static int
+admission_passes(Admission *a, PyObject *key, long long *in_metric)
+{
+    if (!PyTuple_CheckExact(key) || PyTuple_GET_SIZE(key) != 3)
+        return 0;
+    PyObject *name = PyTuple_GET_ITEM(key, 0), *tags = PyTuple_GET_ITEM(key, 2);
+    if (!PyUnicode_CheckExact(name) || !PyTuple_CheckExact(tags))
+        return 0;
+    if (a->created + a->persisted >= a->max_series)
+        return 0;
+    long long mine = count_of(a->per_metric, name), gauges = count_of(a->gauges_per_metric, name);
+    if (PyErr_Occurred())
+        return -1;
+    if (mine + gauges >= a->max_per_metric || PyUnicode_GET_LENGTH(name) > a->max_name
+        || PyTuple_GET_SIZE(tags) > a->max_tags)
+        return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(tags); i++) {
+        PyObject *pair = PyTuple_GET_ITEM(tags, i);
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2
+            || !PyUnicode_CheckExact(PyTuple_GET_ITEM(pair, 0))
+            || !PyUnicode_CheckExact(PyTuple_GET_ITEM(pair, 1)))
+            return 0;
+        if (PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(pair, 0))
+                + PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(pair, 1))
+            >= a->max_tag)
+            return 0;
+    }
+    *in_metric = mine;
+    return 1;
+}
+
+/* May the series ``key``, new to the flush, enter?  1, 0 or -1 (error). */
+static int
+admit_series(Admission *a, PyObject *key)
+{
+    if (a->budget == Py_None)
+        return 1;
+    long long in_metric = 0;
+    int passes = admission_passes(a, key, &in_metric);
+    if (passes < 0)
+        return -1;
+    if (passes) {
+        PyObject *count = PyLong_FromLongLong(in_metric + 1);
+        if (count == NULL
+            || PyDict_SetItem(a->per_metric, PyTuple_GET_ITEM(key, 0), count) < 0) {
+            Py_XDECREF(count);
+            return -1;
+        }
+        Py_DECREF(count);
+        a->created++;
+        return 1;
+    }
+    /* admit decides, with the count as it stands */
+    PyObject *created = PyLong_FromLongLong(a->created);
+    if (created == NULL || PyObject_SetAttrString(a->budget, "created", created) < 0) {
+        Py_XDECREF(created);
+        return -1;
+    }
+    Py_DECREF(created);
+    PyObject *name = PySequence_GetItem(key, 0), *tags = PySequence_GetItem(key, 2);
+    PyObject *persisted = PyLong_FromLongLong(a->persisted), *answer = NULL;
+    if (name != NULL && tags != NULL && persisted != NULL)
+        answer = PyObject_CallMethod(a->budget, "admit", "OOO", name, tags, persisted);
+    Py_XDECREF(name);
+    Py_XDECREF(tags);
+    Py_XDECREF(persisted);
+    if (answer == NULL)
+        return -1;
+    int admitted = PyObject_IsTrue(answer);
+    Py_DECREF(answer);
+    a->created = long_attr(a->budget, "created");
+    return PyErr_Occurred() ? -1 : admitted;
+}
+
+/* mine[i] += theirs[i] for the two accumulators of a counter */
+static int
+add_counter(PyObject *mine, PyObject *theirs)
+{
+    for (Py_ssize_t i = 0; i < 2; i++) {
+        PyObject *a = PySequence_GetItem(mine, i), *b = PySequence_GetItem(theirs, i);
+        PyObject *sum = (a != NULL && b != NULL) ? PyNumber_InPlaceAdd(a, b) : NULL;
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        if (sum == NULL)
+            return -1;
+        int rc = PySequence_SetItem(mine, i, sum);
+        Py_DECREF(sum);
+        if (rc < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static int
+merge_window_counters(PyObject *counters, PyObject *part, Admission *a)
+{
+    Py_ssize_t pos = 0;
+    PyObject *key, *acc;
+    while (PyDict_Next(part, &pos, &key, &acc)) {
+        PyObject *mine = PyDict_GetItemWithError(counters, key);
+        if (mine != NULL) {
+            Py_INCREF(mine);
+            int rc = add_counter(mine, acc);
+            Py_DECREF(mine);
+            if (rc < 0)
+                return -1;
+            continue;
+        }
+        int admitted = PyErr_Occurred() ? -1 : admit_series(a, key);
+        if (admitted < 0 || (admitted && PyDict_SetItem(counters, key, acc) < 0))
+            return -1;
+    }
+    return 0;
+}
+
+/* weights[key] = ours (or none), padded with 1.0 to the values held, then theirs */
+static int
+join_weights(PyObject *weights, PyObject *key, PyObject *ours, PyObject *theirs, Py_ssize_t held)
+{
+    PyObject *column = (ours != NULL && PyObject_IsTrue(ours) == 1) ? PySequence_List(ours)
+                                                                    : PyList_New(0);
+    if (column == NULL)
+        return -1;
+    PyObject *one = PyFloat_FromDouble(1.0);
+    int rc = one == NULL ? -1 : 0;
+    while (rc == 0 && PyList_GET_SIZE(column) < held)
+        rc = PyList_Append(column, one);
+    Py_XDECREF(one);
+    if (rc == 0 && theirs != NULL && PyObject_IsTrue(theirs) == 1) {
+        PyObject *joined = PySequence_InPlaceConcat(column, theirs);
+        rc = joined == NULL ? -1 : 0;
+        Py_XDECREF(joined);
+    }
+    if (rc == 0)
+        rc = PyDict_SetItem(weights, key, column);
+    Py_DECREF(column);
+    return rc;
+}
+
+static int
+merge_window_timers(PyObject *timers, PyObject *weights, PyObject *part, PyObject *part_weights,
+             Admission *a)
+{
+    Py_ssize_t pos = 0;
+    PyObject *key, *values;
+    while (PyDict_Next(part, &pos, &key, &values)) {
+        PyObject *mine = PyDict_GetItemWithError(timers, key);
+        if (mine == NULL && PyErr_Occurred())
+            return -1;
+        PyObject *theirs = PyDict_GetItemWithError(part_weights, key);
+        if (theirs == NULL && PyErr_Occurred())
+            return -1;
+        if (mine == NULL) {
+            int admitted = admit_series(a, key);
+            if (admitted < 0
+                || (admitted
+                    && (PyDict_SetItem(timers, key, values) < 0
+                        || (theirs != NULL && PyDict_SetItem(weights, key, theirs) < 0))))
+                return -1;
+            continue;
+        }
+        PyObject *ours = PyDict_GetItemWithError(weights, key);
+        if (ours == NULL && PyErr_Occurred())
+            return -1;
+        Py_INCREF(mine);
+        int rc = 0;
+        if (ours != NULL || theirs != NULL) {
+            Py_XINCREF(ours);
+            Py_ssize_t held = PyObject_Length(mine);
+            rc = held < 0 ? -1 : join_weights(weights, key, ours, theirs, held);
+            Py_XDECREF(ours);
+        }
+        PyObject *joined = rc < 0 ? NULL : PySequence_InPlaceConcat(mine, values);
+        Py_DECREF(mine);
+        if (joined == NULL)
+            return -1;
+        Py_DECREF(joined);
+    }
+    return 0;
+}
+
+static int
+merge_window_sets(PyObject *sets, PyObject *part, Admission *a)
+{
+    Py_ssize_t pos = 0;
+    PyObject *key, *members;
+    while (PyDict_Next(part, &pos, &key, &members)) {
+        PyObject *mine = PyDict_GetItemWithError(sets, key);
+        if (mine != NULL) {
+            PyObject *joined = PyNumber_InPlaceOr(mine, members);  /* a new reference */
+            if (joined == NULL)
+                return -1;
+            Py_DECREF(joined);
+            continue;
+        }
+        int admitted = PyErr_Occurred() ? -1 : admit_series(a, key);
+        if (admitted < 0 || (admitted && PyDict_SetItem(sets, key, members) < 0))
+            return -1;
+    }
+    return 0;
+}
+
+/* aggregate._merge_series: a worker window's counters, timers and sets into
+ * the daemon's window, each series new to it admitted by the budget. */
+static PyObject *
+merge_series(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "merge_series(target, part, budget, persisted)");
+        return NULL;
+    }
+    static const char *names[] = {"counters", "timers", "weights", "sets"};
+    PyObject *target[4] = {NULL}, *part[4] = {NULL}, *result = NULL;
+    Admission a;
+    long long persisted = PyLong_AsLongLong(args[3]);
+    if (persisted == -1 && PyErr_Occurred())
+        return NULL;
+    if (admission_open(&a, args[2], persisted) < 0)
+        goto finally;
+    for (int i = 0; i < 4; i++) {
+        target[i] = PyObject_GetAttrString(args[0], names[i]);
+        part[i] = PyObject_GetAttrString(args[1], names[i]);
+        if (target[i] == NULL || part[i] == NULL)
+            goto finally;
+        if (!PyDict_CheckExact(target[i]) || !PyDict_CheckExact(part[i])) {
+            PyErr_SetString(PyExc_TypeError, "merge_series: a window's series are not dicts");
+            goto finally;
+        }
+    }
+    if (merge_window_counters(target[0], part[0], &a) == 0
+        && merge_window_timers(target[1], target[2], part[1], part[2], &a) == 0
+        && merge_window_sets(target[3], part[3], &a) == 0)
+        result = Py_NewRef(Py_None);
+finally:
+    if (admission_close(&a) < 0)
+        Py_CLEAR(result);
+    for (int i = 0; i < 4; i++) {
+        Py_XDECREF(target[i]);
+        Py_XDECREF(part[i]);
+    }
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"sketch_bytes", (PyCFunction)(void (*)(void))sketch_bytes, METH_FASTCALL,
      "sketch_bytes(values, low, high, inv_log_gamma, max_buckets) -> bytes or None: "
@@ -1301,6 +1629,9 @@ static PyMethodDef module_methods[] = {
     {"fold_rows", (PyCFunction)(void (*)(void))fold_rows, METH_FASTCALL,
      "fold_rows(rows, sids, count, sum, min, max) -> (count, sum, min, max, last, states) "
      "or None: storage._Pending.add of a window of the bucket's series in its order."},
+    {"merge_series", (PyCFunction)(void (*)(void))merge_series, METH_FASTCALL,
+     "merge_series(target, part, budget, persisted) -> None: aggregate._merge_series, "
+     "a worker window's counters, timers and sets into the daemon's, under the budget."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -409,15 +409,15 @@ class WorkerAggregator(Aggregator):
 
 
 def merge_worker_windows(
-    closed: list[ClosedWindow], parts: Sequence[ClosedWindow], admit: Any = None
+    closed: list[ClosedWindow], parts: Iterable[ClosedWindow], budget: Budget | None = None
 ) -> dict[SeriesKey, float]:
     """Fold the windows that ingest workers swapped out into the daemon's ``closed``.
 
     ``closed`` is what the daemon's own :meth:`Aggregator.swap` returned (the
     open window first) and is changed in place; ``parts`` are the workers'
-    windows, each worker's open one with ``persisted`` == {}. ``admit``
-    (``Aggregator.spent.admit``: the limits, counted on from the daemon's own
-    windows) is asked for every series new to the flush.
+    windows, each worker's open one with ``persisted`` == {}. ``budget``
+    (``Aggregator.spent``: the limits, counted on from the daemon's own
+    windows) admits every series new to the flush.
     Returns the gauges whose value the workers moved, to persist.
 
     Counters add up, timer values and their weights are appended, set
@@ -443,14 +443,22 @@ def merge_worker_windows(
                 closed.append(found)
             target = found
             _merge_window_gauges(target, part)
-        _merge_series(target, part, admit, len(opened.persisted or ()))
-    moved = _resolve_gauges(opened, reports, admit)
+        _merge_series(target, part, budget, len(opened.persisted or ()))
+    moved = _resolve_gauges(opened, reports, None if budget is None else budget.admit)
     closed[1:] = sorted(closed[1:], key=lambda w: w.start)
     return moved
 
 
-def _merge_series(target: ClosedWindow, part: ClosedWindow, admit: Any, persisted: int) -> None:
-    """Counters, timers and sets of a worker's window into the daemon's."""
+def _merge_series(
+    target: ClosedWindow, part: ClosedWindow, budget: Budget | None, persisted: int
+) -> None:
+    """Counters, timers and sets of a worker's window into the daemon's; in C
+    when the extension is built (``_sketchfast.merge_series``), which asks
+    ``budget.admit`` only about series that reach a limit."""
+    if sketch_native is not None:
+        sketch_native.merge_series(target, part, budget, persisted)
+        return
+    admit = None if budget is None else budget.admit
     counters = target.counters
     for key, acc in part.counters.items():
         mine = counters.get(key)

@@ -229,8 +229,8 @@ class Daemon:
         """Merge the workers' windows, snapshot, one transaction.
 
         Where the time went is kept per phase (``last_flush_phases``): queued
-        behind the previous flush, waiting for the workers' windows and
-        unpickling them, merging them, the snapshot, /metrics and carbon,
+        behind the previous flush, waiting for the workers' windows,
+        unpickling and merging them, the snapshot, /metrics and carbon,
         and the SQLite transaction.
         """
         totals = self.selfstats.totals
@@ -284,18 +284,19 @@ class Daemon:
         The gauges the workers moved are handed back to the event loop, which
         owns the persisted values.
         """
-        parts: list[ClosedWindow] = []
+        answered: list[Report] = []
         for future in reports:
             try:
                 report = future.result(SHUTDOWN_STEP_SECONDS)
             except (WorkerGone, TimeoutError) as exc:
                 log.error("flush without an ingest worker's window: %s", exc)
                 continue
-            parts.extend(report.closed_windows())
+            answered.append(report)
             events.extend(report.events)
             checks.extend(report.checks)
         phase("workers")
-        moved = merge_worker_windows(closed, parts, budget.admit)
+        parts = (part for report in answered for part in report.closed_windows())
+        moved = merge_worker_windows(closed, parts, budget)
         if moved:
             gauges.update(moved)
             if self._loop is not None:

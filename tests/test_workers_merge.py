@@ -13,6 +13,7 @@ import random
 
 import pytest
 
+from aggregator import aggregate
 from aggregator.aggregate import (
     Aggregator,
     ClosedWindow,
@@ -20,12 +21,21 @@ from aggregator.aggregate import (
     merge_worker_windows,
     snapshot,
 )
-from aggregator.limits import Drops, Limits
+from aggregator.fastpath import sketch_native
+from aggregator.limits import Budget, Drops, Limits
 from aggregator.model import Rollup, Sample, SeriesKey
 from aggregator.sketch import Sketch
 from aggregator.worker import window_slices
 
 from .test_aggregate import INTERVAL, PAST, PERCENTILES, W0, c, g, s, t
+
+
+@pytest.fixture(params=["c", "python"] if sketch_native is not None else ["python"], autouse=True)
+def merge_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test merges in C (when the extension is built) and in Python."""
+    if request.param == "python":
+        monkeypatch.setattr(aggregate, "sketch_native", None)
+    return str(request.param)
 
 
 def single(samples: list[Sample], gauges: dict[SeriesKey, float]) -> list[Rollup]:
@@ -63,7 +73,7 @@ def spread(
         for r in readers
         for piece in window_slices(r.swap(W0 + INTERVAL), slice_series)
     ]
-    moved = merge_worker_windows(closed, parts, daemon.spent.admit)
+    moved = merge_worker_windows(closed, parts, daemon.spent)
     return [r for w in closed for r in snapshot(w, PERCENTILES)], moved
 
 
@@ -167,7 +177,7 @@ def test_gauges_of_several_workers(
             worker.add([sample])
         parts.extend(worker.swap(W0 + INTERVAL))
     closed = daemon.swap(W0 + INTERVAL)
-    assert merge_worker_windows(closed, parts, daemon.spent.admit) == {QUEUE: value}
+    assert merge_worker_windows(closed, parts, daemon.spent) == {QUEUE: value}
     (rollup,) = [r for r in snapshot(closed[0], PERCENTILES) if r.name == "queue"]
     assert (rollup.last, rollup.min, rollup.max) == (value, low, high)
     daemon.carry_gauges({QUEUE: value})
@@ -181,7 +191,7 @@ def test_absolute_gauges_when_deltas_are_off() -> None:
     daemon = Aggregator(INTERVAL, PERCENTILES, gauge_deltas=False)
     daemon.open(W0)
     closed = daemon.swap(W0 + INTERVAL)
-    assert merge_worker_windows(closed, worker.swap(W0 + INTERVAL), daemon.spent.admit) == {
+    assert merge_worker_windows(closed, worker.swap(W0 + INTERVAL), daemon.spent) == {
         QUEUE: -2.0
     }
 
@@ -200,10 +210,51 @@ def test_the_limits_hold_across_workers() -> None:
         worker.add([c(f"w{w}.{i}", 1) for i in range(25)] + [c("shared", 1)])
         parts.extend(worker.swap(W0 + INTERVAL))
     closed = daemon.swap(W0 + INTERVAL)
-    merge_worker_windows(closed, parts, daemon.spent.admit)
+    merge_worker_windows(closed, parts, daemon.spent)
     assert len(closed[0].counters) == 30
     assert closed[0].counters[("own0", "c", ())] == [1.0, 1.0]
     assert drops.window["series_limit"] == 3 * 26 - 20
+
+
+def test_each_limit_refuses_at_the_merge_what_the_workers_let_through() -> None:
+    """Workers without limits, a daemon with tight ones: the series each limit
+    refuses, the drops by reason and the budget's counts after the merge."""
+    limits = Limits(
+        max_series=12, max_series_per_metric=3, max_name_length=8, max_tags=2, max_tag_length=6
+    )
+    drops = Drops()
+    daemon = Aggregator(INTERVAL, PERCENTILES, limits=limits, drops=drops)
+    daemon.open(W0)
+    daemon.add([c("own", 1), c("per", 1), t("lat", 1.0), s("users", "b")])
+    worker = WorkerAggregator(INTERVAL)
+    worker.open(W0)
+    worker.add(
+        [c("per", 1, tags=(("i", str(i)),)) for i in range(4)]  # per has 1: two more enter
+        + [c("longname.x", 1), t("longname.t", 1.0), s("longname.s", "m")]
+        + [c("tags", 1, tags=(("a", "1"), ("b", "2"), ("c", "3")))]
+        + [c("tagged", 1, tags=(("key", "val"),)), c("tagged", 1, tags=(("k", "vvvv"),))]
+        + [c("own", 2), t("lat", 2.0), t("lat", 3.0), s("users", "a")]
+        + [c(f"fill{i}", 1) for i in range(9)]  # up to max_series, then refused
+    )
+    closed = daemon.swap(W0 + INTERVAL)
+    merge_worker_windows(closed, worker.swap(W0 + INTERVAL), daemon.spent)
+    window = closed[0]
+    keys = sorted(k for part in (window.counters, window.timers, window.sets) for k in part)
+    assert keys == sorted(
+        [("own", "c", ()), ("per", "c", ()), ("per", "c", (("i", "0"),)),
+         ("per", "c", (("i", "1"),)), ("tagged", "c", (("k", "vvvv"),)), ("lat", "ms", ()),
+         ("users", "s", ())] + [(f"fill{i}", "c", ()) for i in range(5)]
+    )  # fmt: skip
+    assert window.counters[("own", "c", ())] == [3.0, 2.0]
+    assert window.timers[("lat", "ms", ())] == [1.0, 2.0, 3.0]
+    assert window.sets[("users", "s", ())] == {"a", "b"}
+    assert drops.window == {
+        "metric_series_limit": 2, "name_too_long": 1, "too_many_tags": 1, "tag_too_long": 1,
+        "series_limit": 6,  # the counts come first: longname.t and .s are past the limit
+    }  # fmt: skip
+    spent: Budget = daemon.spent
+    assert spent.created == 12
+    assert spent.per_metric["per"] == 3
 
 
 def test_a_worker_window_the_daemon_did_not_open_is_kept() -> None:
@@ -215,7 +266,7 @@ def test_a_worker_window_the_daemon_did_not_open_is_kept() -> None:
     daemon.open(W0)
     daemon.add([c("late", 2, ts=PAST + 12)])
     closed = daemon.swap(W0 + INTERVAL)
-    merge_worker_windows(closed, worker.swap(W0 + INTERVAL), daemon.spent.admit)
+    merge_worker_windows(closed, worker.swap(W0 + INTERVAL), daemon.spent)
     assert [(w.start, dict(w.counters)) for w in closed] == [
         (W0, {}),
         (PAST, {("late", "c", ()): [1.0, 1.0]}),
