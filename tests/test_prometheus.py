@@ -256,6 +256,23 @@ def test_idle_series_expire_and_persisted_gauges_do_not_keep_them_alive() -> Non
     assert text_of(state) == "# HELP temp statsd gauge temp\n# TYPE temp gauge\ntemp 6\n"
 
 
+def test_each_series_expires_on_time_though_most_flushes_skip_the_walk() -> None:
+    clock = Clock()
+    state = Exposition(expire_after=30, clock=clock)
+    state.update([roll("a", "c", 990, 1, 1), roll("b", "c", 990, 1, 1)], [])
+    for now, rollups, left in [
+        (1020.0, [roll("a", "c", 1010, 1, 1)], {"a", "b"}),
+        (1030.0, [], {"a", "b"}),  # b was seen at 1000: 30 s, not over
+        (1031.0, [roll("a", "c", 1020, 1, 1)], {"a"}),
+        (1061.0, [], {"a"}),
+        (1062.0, [], set()),
+    ]:
+        clock.now = now
+        state.update(rollups, [])
+        assert {key[0] for key in state._entries} == left, now
+        assert state.series == len(left)
+
+
 def test_the_first_flush_brings_in_restored_gauges() -> None:
     state = Exposition(expire_after=0, clock=Clock())
     state.update([roll("temp", "g", 990, 1, 5, 5)], [])
