@@ -5,9 +5,9 @@ shape (intake.py) and the batched datagram read (listeners.py);
 ``sketch_native`` (``_sketchfast.c``) the flush's per-series work: the
 merge of the ingest workers' windows, sketch and set-state serialization
 and merging (sketch.py), the window's rollups (aggregate.snapshot), the
-storage rows and the fold of the minute being filled (storage.py). Built by ``pip install`` when a C compiler is there;
-without one, every caller takes its pure-Python path, which gives the same
-results, slower.
+storage rows and the fold of the minute being filled (storage.py). Built
+by ``pip install`` when a C compiler is there; without one, every caller
+takes its pure-Python path, which gives the same results, slower.
 """
 
 from __future__ import annotations
