@@ -18,11 +18,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import pickle
 import signal
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from .protocol import Parser
 from .selfstats import SelfStats
 from .spool import Batch, DurableWriter, Spool, TolerantStorage, spool_path, sqlite_store
 from .storage import MAX_AUTO_POINTS
-from .worker import Handover, Report, Settings, WorkerGone, Workers
+from .worker import Report, Settings, WorkerGone, Workers
 
 log = logging.getLogger("statsd_aggregator")
 
@@ -197,7 +196,7 @@ class Daemon:
         closed = self.aggregator.swap(next_start)
         events, checks = self.intake.take_events()
         gauges = self.aggregator.gauges()
-        merge: tuple[Handover, Budget] | None = None
+        merge: tuple[list[concurrent.futures.Future[Report]], Budget] | None = None
         if self.workers is not None:
             merge = self.workers.swap(next_start, self.limits, last), self.aggregator.spent
         future = self._writer.submit(self._write, closed, events, checks, gauges, started, merge)
@@ -211,7 +210,7 @@ class Daemon:
         checks: list[tuple[ServiceCheck, int]],
         gauges: dict[SeriesKey, float],
         started: float,
-        merge: tuple[Handover, Budget] | None = None,
+        merge: tuple[Sequence[concurrent.futures.Future[Report]], Budget] | None = None,
     ) -> None:
         """Runs in the writer thread: the flush, with the cycle collector paused."""
         with paused_gc():
@@ -225,7 +224,7 @@ class Daemon:
         checks: list[tuple[ServiceCheck, int]],
         gauges: dict[SeriesKey, float],
         started: float,
-        merge: tuple[Handover, Budget] | None,
+        merge: tuple[Sequence[concurrent.futures.Future[Report]], Budget] | None,
     ) -> None:
         """Merge the workers' windows, snapshot, one transaction.
 
@@ -247,10 +246,7 @@ class Daemon:
         phase("queued")
         try:
             if merge is not None:
-                waited = self._merge_reports(closed, events, checks, gauges, *merge)
-                phases["workers"] = round(waited, 6)
-                phase("merge")
-                phases["merge"] = round(phases["merge"] - waited, 6)
+                self._merge_reports(closed, events, checks, gauges, *merge, phase)
             rollups: list[Rollup] = []
             for window in closed:
                 rollups.extend(snapshot(window, self.config.percentiles))
@@ -278,46 +274,34 @@ class Daemon:
         events: list[tuple[Event, int]],
         checks: list[tuple[ServiceCheck, int]],
         gauges: dict[SeriesKey, float],
-        handover: Handover,
+        reports: Sequence[concurrent.futures.Future[Report]],
         budget: Budget,
-    ) -> float:
-        """Writer thread: fold the workers' slices into the flush as they arrive,
-        under its limits; the seconds spent waiting for them.
+        phase: Callable[[str], None],
+    ) -> None:
+        """Writer thread: fold each worker's windows into the flush, under its limits.
 
-        A worker that does not answer costs what it had not sent (logged).
+        A worker that does not answer costs only its own window (logged).
         The gauges the workers moved are handed back to the event loop, which
         owns the persisted values.
         """
-        waited = 0.0
-
-        def parts() -> Iterator[ClosedWindow]:
-            nonlocal waited
-            answers = handover.answers(SHUTDOWN_STEP_SECONDS)
-            while True:
-                asked = time.perf_counter()
-                try:
-                    item = next(answers)
-                except StopIteration:
-                    return
-                except TimeoutError as exc:
-                    log.error("flush without the rest of the workers' windows: %s", exc)
-                    return
-                finally:
-                    waited += time.perf_counter() - asked
-                if isinstance(item, bytes):
-                    yield pickle.loads(item)
-                elif isinstance(item, WorkerGone):
-                    log.error("flush without an ingest worker's window: %s", item)
-                else:
-                    events.extend(item.events)
-                    checks.extend(item.checks)
-
-        moved = merge_worker_windows(closed, parts(), budget)
+        answered: list[Report] = []
+        for future in reports:
+            try:
+                report = future.result(SHUTDOWN_STEP_SECONDS)
+            except (WorkerGone, TimeoutError) as exc:
+                log.error("flush without an ingest worker's window: %s", exc)
+                continue
+            answered.append(report)
+            events.extend(report.events)
+            checks.extend(report.checks)
+        phase("workers")
+        parts = (part for report in answered for part in report.closed_windows())
+        moved = merge_worker_windows(closed, parts, budget)
         if moved:
             gauges.update(moved)
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self.aggregator.carry_gauges, moved)
-        return waited
+        phase("merge")
 
     def _stored(self, batch: Batch) -> None:
         """Writer thread: a flush (fresh or parked) reached SQLite; tell the event stream."""

@@ -14,20 +14,18 @@ address, so one busy client would land on a single worker; from one shared
 socket, whichever worker is free takes the next datagrams.
 
 At a swap a worker hands its closed window over in slices of at most
-``SLICE_SERIES`` series, each pickled on its own and sent at once, and
-reads its sockets between two slices: pickling a 100k-series window in one
-piece held the socket unread for about 0.1 s, longer than a 32 MiB receive
-buffer lasts at 400k one-line datagrams a second (the kernel charges each
-datagram about 1 KiB of buffer). So every worker swaps at the same time,
-and the daemon's writer merges each slice as it arrives, as it would whole
-windows, while the workers are still pickling the next ones.
+``SLICE_SERIES`` series, each pickled on its own, and reads its sockets
+between two slices: pickling a 100k-series window in one piece held the
+socket unread for about 0.1 s, longer than a 32 MiB receive buffer lasts
+at 400k one-line datagrams a second (the kernel charges each datagram
+about 1 KiB of buffer). So every worker swaps at the same time, and the
+daemon merges the slices as it would whole windows.
 
 Daemon and worker talk over a socketpair in frames: an 8-byte length, then
 a pickle. Both ends are this program, and the pair is reachable by no one
 else. The daemon sends ``("init", settings)``, then ``("open", start)`` and
 ``("swap", next_start, limits, last)``; the worker answers ``("ready",
-pid)`` to the first, and to every swap ``("slice", pickled slice)`` frames,
-then a :class:`Report`. A worker ignores
+pid)`` to the first and a :class:`Report` to every swap. A worker ignores
 SIGINT and SIGTERM (systemd signals the whole control group): it stops
 reading on the last swap, and exits when the daemon's end closes.
 """
@@ -36,13 +34,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
 import logging
 import os
 import pickle
-import queue
 import signal
 import socket
 import struct
@@ -86,43 +84,19 @@ class Settings:
 
 @dataclasses.dataclass(slots=True)
 class Report:
-    """A worker's last answer to a swap, after its slices: its counters since the last one."""
+    """A worker's answer to a swap: its windows, and its counters since the last one."""
 
+    windows: list[bytes]  # pickled slices (window_slices); unpickled by the daemon's writer
     listener: ListenerStats
     ingest: IngestStats
     drops: dict[str, int]
     events: list[tuple[Event, int]] = dataclasses.field(default_factory=list)
     checks: list[tuple[ServiceCheck, int]] = dataclasses.field(default_factory=list)
 
-
-class Handover:
-    """One swap's answers from every worker, for the daemon's writer thread.
-
-    The event loop puts in each pickled slice as it arrives (bytes), then
-    each worker's :class:`Report`, or a :class:`WorkerGone` in its place.
-    """
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self.items: queue.SimpleQueue[bytes | Report | WorkerGone] = queue.SimpleQueue()
-
-    def answers(self, timeout: float) -> Iterator[bytes | Report | WorkerGone]:
-        """Every item, as it comes, until each worker has answered.
-
-        Raises TimeoutError when nothing comes for ``timeout`` seconds.
-        """
-        answered = 0
-        while answered < self.workers:
-            try:
-                item = self.items.get(timeout=timeout)
-            except queue.Empty:
-                raise TimeoutError(
-                    f"{self.workers - answered} ingest worker(s) did not answer "
-                    f"within {timeout:.0f} s"
-                ) from None
-            if not isinstance(item, bytes):
-                answered += 1
-            yield item
+    def closed_windows(self) -> Iterator[ClosedWindow]:
+        """The slices, unpickled one at a time: each is merged while its objects
+        are still in the CPU's caches (0.12 against 0.13-0.15 s at 100k series)."""
+        return (pickle.loads(piece) for piece in self.windows)
 
 
 def window_slices(windows: list[ClosedWindow], size: int) -> Iterator[ClosedWindow]:
@@ -169,10 +143,6 @@ class WorkerGone(Exception):
     """A worker exited, or its channel broke, before it answered."""
 
 
-#: a frame of worker -> daemon that holds one pickled slice of a window
-_SLICE = "slice"
-
-
 class _Channel:
     """One worker process and the daemon's end of its socketpair."""
 
@@ -186,7 +156,7 @@ class _Channel:
         self.reader = reader
         self.writer = writer
         #: swaps sent and not answered yet, oldest first
-        self.pending: collections.deque[Handover] = collections.deque()
+        self.pending: collections.deque[concurrent.futures.Future[Report]] = collections.deque()
         self.task: asyncio.Task[None] | None = None
 
 
@@ -227,32 +197,32 @@ class Workers:
         for channel in self._channels:
             channel.writer.write(_frame(("open", start)))
 
-    def swap(self, next_start: int, limits: Limits, last: bool = False) -> Handover:
-        """Ask every worker for its windows; their slices and reports fill the handover.
+    def swap(
+        self, next_start: int, limits: Limits, last: bool = False
+    ) -> list[concurrent.futures.Future[Report]]:
+        """Ask every worker for its windows; the futures resolve as reports arrive.
 
         ``last``: each worker stops reading, and exits after answering.
         """
         frame = _frame(("swap", next_start, limits, last))
-        handover = Handover(len(self._channels))
+        futures = []
         for channel in self._channels:
+            future: concurrent.futures.Future[Report] = concurrent.futures.Future()
             if channel.task is None or channel.task.done():
-                handover.items.put(WorkerGone(f"worker {channel.proc.pid} is gone"))
+                future.set_exception(WorkerGone(f"worker {channel.proc.pid} is gone"))
             else:
-                channel.pending.append(handover)
+                channel.pending.append(future)
                 channel.writer.write(frame)
-        return handover
+            futures.append(future)
+        return futures
 
     async def _read_reports(self, channel: _Channel) -> None:
         try:
             while True:
-                message = await _read_frame(channel.reader)
-                if isinstance(message, tuple) and message[0] == _SLICE:
-                    if channel.pending:
-                        channel.pending[0].items.put(message[1])
-                    continue
-                self._on_report(message)
+                report = await _read_frame(channel.reader)
+                self._on_report(report)
                 if channel.pending:
-                    channel.pending.popleft().items.put(message)
+                    channel.pending.popleft().set_result(report)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             gone = WorkerGone(f"worker {channel.proc.pid} is gone ({exc.__class__.__name__})")
         except Exception as exc:  # an unreadable report: the channel cannot be trusted
@@ -260,7 +230,7 @@ class Workers:
             gone = WorkerGone(f"worker {channel.proc.pid} sent an unreadable report ({exc})")
             channel.proc.kill()
         while channel.pending:
-            channel.pending.popleft().items.put(gone)
+            channel.pending.popleft().set_exception(gone)
         channel.writer.close()
         code = await asyncio.get_running_loop().run_in_executor(None, _reap, channel.proc)
         self.on_exit(channel.proc.pid, code)
@@ -345,10 +315,8 @@ class _Worker:
         self.aggregator.now = time.monotonic()
         self.intake.datagrams(datagrams)
 
-    async def swap(
-        self, next_start: int, limits: Limits, last: bool, send: Callable[[bytes], None]
-    ) -> Report:
-        """Swap the window, then pickle and ``send`` it a slice at a time, reading in between."""
+    async def swap(self, next_start: int, limits: Limits, last: bool) -> Report:
+        """Swap the window, then pickle it a slice at a time, reading in between."""
         if last:
             self.stop_reading()
         self.limits.update(limits)
@@ -361,10 +329,11 @@ class _Worker:
         for name in ("packets", "bytes", "too_large"):
             setattr(self.listener, name, 0)
         self.intake.stats = IngestStats()
+        pieces = []
         for piece in window_slices(windows, SLICE_SERIES):
-            send(_frame((_SLICE, pickle.dumps(piece, protocol=pickle.HIGHEST_PROTOCOL))))
-            await asyncio.sleep(0)  # the event loop reads the sockets (and sends) meanwhile
-        return Report(listener, ingest, drops, events, checks)
+            pieces.append(pickle.dumps(piece, protocol=pickle.HIGHEST_PROTOCOL))
+            await asyncio.sleep(0)  # the event loop reads the sockets meanwhile
+        return Report(pieces, listener, ingest, drops, events, checks)
 
     def stop_reading(self) -> None:
         for reader in self.readers:
@@ -388,7 +357,7 @@ async def _serve(control: socket.socket) -> None:
             worker.aggregator.open(message[1])
         elif message[0] == "swap":
             _, next_start, limits, last = message
-            writer.write(_frame(await worker.swap(next_start, limits, last, writer.write)))
+            writer.write(_frame(await worker.swap(next_start, limits, last)))
             await writer.drain()
     worker.stop_reading()
     writer.close()

@@ -23,11 +23,9 @@ from aggregator.aggregate import (
 )
 from aggregator.fastpath import sketch_native
 from aggregator.limits import Budget, Drops, Limits
-from aggregator.listeners import ListenerStats
 from aggregator.model import Rollup, Sample, SeriesKey
-from aggregator.selfstats import IngestStats
 from aggregator.sketch import Sketch
-from aggregator.worker import Handover, Report, WorkerGone, window_slices
+from aggregator.worker import window_slices
 
 from .test_aggregate import INTERVAL, PAST, PERCENTILES, W0, c, g, s, t
 
@@ -299,25 +297,3 @@ def test_window_slices_hold_every_series_once(size: int) -> None:
                 window, kind
             )
     assert len(windows) == 2  # the open window and a |T window, both sliced
-
-
-def test_a_handover_yields_each_slice_as_it_comes_until_every_worker_answered() -> None:
-    handover = Handover(3)
-    report = Report(ListenerStats(), IngestStats(), {})
-    gone = WorkerGone("worker 7 is gone")
-    for item in (b"slice 1", b"slice 2", report, b"slice 3", gone, report, b"late"):
-        handover.items.put(item)
-    assert list(handover.answers(timeout=5)) == [
-        b"slice 1", b"slice 2", report, b"slice 3", gone, report
-    ]  # fmt: skip
-
-
-def test_a_handover_gives_up_when_a_worker_stays_silent() -> None:
-    handover = Handover(2)
-    handover.items.put(b"slice 1")
-    handover.items.put(Report(ListenerStats(), IngestStats(), {}))
-    answers = handover.answers(timeout=0.05)
-    assert next(answers) == b"slice 1"
-    assert isinstance(next(answers), Report)
-    with pytest.raises(TimeoutError, match="1 ingest worker"):
-        next(answers)
