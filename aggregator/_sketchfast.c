@@ -1377,8 +1377,11 @@ admission_passes(Admission *a, PyObject *key, long long *in_metric)
         return 0;
     if (a->created + a->persisted >= a->max_series)
         return 0;
-    long long mine = count_of(a->per_metric, name), gauges = count_of(a->gauges_per_metric, name);
-    if (PyErr_Occurred())
+    long long mine = count_of(a->per_metric, name);
+    if (mine == -1 && PyErr_Occurred())
+        return -1;
+    long long gauges = count_of(a->gauges_per_metric, name);
+    if (gauges == -1 && PyErr_Occurred())
         return -1;
     if (mine + gauges >= a->max_per_metric || PyUnicode_GET_LENGTH(name) > a->max_name
         || PyTuple_GET_SIZE(tags) > a->max_tags)
