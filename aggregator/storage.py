@@ -81,12 +81,15 @@ conflict); a set's count becomes the cardinality of the merged state.
 
 Downsampling
 ------------
-Still inside the write's transaction, every coarser tier compacts each
+Inside the writes' transactions, every coarser tier compacts each
 COMPLETE bucket it has not compacted yet (bucket end <= the finer tier's
-``complete_until``) with one ``INSERT OR REPLACE ... SELECT ... GROUP BY
+``complete_until``) with ``INSERT OR REPLACE ... SELECT ... GROUP BY
 bucket, series``: SQL sums, min and max; ``last`` is the last of the finer
 row with the latest ts (a join on the primary key); sketches and sets are
-merged by the Python aggregate ``merge_states``. Tier 1 usually skips that
+merged by the Python aggregate ``merge_states``. Many series are compacted
+a slice of metric ids per write (``_Compaction``), as many writes as it
+takes to finish before the tier's next bucket completes; the watermark
+moves with the last slice, so queries read the finer tier until then. Tier 1 usually skips that
 query: the writer folds each window of tier 1's current bucket into one
 running row per series as it writes the window (``_Pending``), and the
 flush that completes the bucket writes those rows, the very ones the query
@@ -99,9 +102,10 @@ exactly those (bucket, series) pairs and, in cascade, the coarser buckets
 above them. A late row whose compacted coarse bucket can no longer be
 recomputed, because the finer tier has been pruned there, would wipe that
 bucket's history: it is dropped and counted in ``Storage.late_dropped``.
-After a downtime, compaction jumps over the empty stretch; a tier added to
-an existing file catches up at most ``MAX_COMPACT_WINDOWS`` finer windows
-per write.
+Finer rows written into a range still being compacted start that range
+over. After a downtime, compaction jumps over the empty stretch; a tier
+added to an existing file catches up at most ``MAX_COMPACT_WINDOWS`` finer
+windows per range.
 
 Retention runs at most once a minute (``PRUNE_EVERY``), deletes by primary
 key range, and never deletes finer rows that the next tier has not
@@ -137,6 +141,7 @@ import re
 import sqlite3
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -186,6 +191,10 @@ MAX_COMPACT_WINDOWS = 360
 #: tier 1 is compacted from the writer's memory when its buckets span at most
 #: this many flush windows (their sketch and set blobs wait in memory)
 PENDING_MAX_WINDOWS = 12
+#: a write compacts about this many series of a tier-1 bucket held in memory,
+COMPACT_SLICE_SERIES = 10_000
+#: or series with about this many finer rows by SQL (see _Compaction)
+COMPACT_SLICE_ROWS = 40_000
 #: events returned at most by default
 EVENTS_LIMIT = 1000
 
@@ -852,7 +861,7 @@ FROM (
            sum(r.sum) AS s, min(r.min) AS mn, max(r.max) AS mx,
            merge_states(m.type, r.state) FILTER (WHERE r.state NOTNULL) AS st
     FROM rollups r CROSS JOIN metrics m
-    WHERE r.resolution = :src AND r.ts >= :lo AND r.ts < :hi AND m.id = r.metric_id {where}
+    WHERE r.resolution = :src AND {span} AND m.id = r.metric_id {where}
     GROUP BY b, r.metric_id, r.series_id
 ) g
 CROSS JOIN rollups l
@@ -883,7 +892,7 @@ SELECT :r, r.ts, r.metric_id,
        sum(r.sum), min(r.min), max(r.max), sum(r.last),
        merge_states(m.type, r.state) FILTER (WHERE r.state NOTNULL)
 FROM rollups r CROSS JOIN metrics m
-WHERE r.resolution = :r AND r.ts >= :lo AND r.ts < :hi AND m.id = r.metric_id
+WHERE r.resolution = :r AND {span} AND m.id = r.metric_id
   AND m.totals_from NOTNULL {where}
 GROUP BY r.ts, r.metric_id
 """
@@ -944,6 +953,14 @@ _ID_METRIC = itemgetter(1)
 _TS = itemgetter(1)
 _METRIC_ID = itemgetter(2)
 _SERIES_ID = itemgetter(3)
+
+#: the rows of _COMPACT's or _TOTALS' buckets [lo, hi) ...
+_SPAN = "r.ts >= :lo AND r.ts < :hi"
+#: ... and of one slice of metric ids of them: one primary-key seek per (ts,
+#: metric range), where a range of ts would scan every metric at each ts
+_SLICE_SPAN = "r.ts IN ({ts}) AND r.metric_id >= :mlo AND r.metric_id < :mhi"
+#: past every metric id (SQLite's largest integer)
+_NO_METRIC = 2**63 - 1
 
 #: late rows of one tier: {(bucket start, metric id, series id)}
 _Late = dict[int, set[tuple[int, int, int]]]
@@ -1099,36 +1116,119 @@ class _Pending:
         for column in self.states:
             column += repeat(None, grow)
 
-    def rows(self, resolution: int) -> list[tuple[Any, ...]] | None:
-        """The bucket's rows of ``_INSERT_COMPACTED``; None when SQL must compact it."""
+    def compacted(self, resolution: int) -> _PendingRows | None:
+        """The bucket's rows of ``_INSERT_COMPACTED``, to be taken in slices;
+        None when SQL must compact it."""
         if not self.valid or not self.sids or not (_plain(self.count) and _plain(self.sum)):
             return None
-        stateful = [i for i, code in enumerate(self.types) if code in _STATEFUL]
-        blobs: list[list[bytes | None]] = []
-        for column in self.states:
-            kept = list(map(column.__getitem__, stateful))
-            if column.count(None) + len(kept) - kept.count(None) != len(column):
-                return None  # a state on a counter or a gauge: let merge_states refuse it
-            blobs.append(kept)
-        count = self.count
-        state: list[bytes | None] = [None] * len(self.sids)
-        merged = map(merge_blobs, map(self.types.__getitem__, stateful), zip(*blobs, strict=True))
-        try:
-            for i, blob in zip(stateful, merged, strict=True):
-                state[i] = blob
-                if self.types[i] == SET:
-                    count[i] = _set_cardinality(blob)
-        except ValueError:  # a malformed blob: fail as _COMPACT fails
-            return None
-        rows = list(
+        return _PendingRows(self, resolution)
+
+
+class _PendingRows:
+    """A completed ``_Pending`` bucket in (metric id, series id) order, whose
+    rows are made a slice of metrics at a time: the blobs of a slice's
+    sketches and sets are merged only when the slice is written."""
+
+    __slots__ = ("bucket", "mids", "order", "pending", "resolution")
+
+    def __init__(self, pending: _Pending, resolution: int) -> None:
+        self.pending = pending
+        self.resolution = resolution
+        self.bucket = pending.bucket
+        n = len(pending.sids)
+        if pending.ordered:
+            self.order: Sequence[int] = range(n)
+            self.mids = pending.mids
+        else:
+            key = list(zip(pending.mids, pending.sids, strict=True))
+            self.order = sorted(range(n), key=key.__getitem__)
+            self.mids = list(map(pending.mids.__getitem__, self.order))
+
+    def cuts(self, per_slice: int) -> list[int]:
+        """Metric-id bounds of slices of about ``per_slice`` series each, whole
+        metrics (a metric's totals are computed from all of its series)."""
+        mids = self.mids
+        cuts = [0, *sorted({mids[at] for at in range(per_slice, len(mids), per_slice)})]
+        cuts.append(_NO_METRIC)
+        return cuts
+
+    def rows(self, metric_lo: int, metric_hi: int) -> list[tuple[Any, ...]] | None:
+        """The rows of metric ids ``[metric_lo, metric_hi)``; None when SQL
+        must compact them: a malformed blob, or a blob on a counter or a
+        gauge (``merge_states`` fails on either, and so does the write)."""
+        a = bisect_left(self.mids, metric_lo)
+        b = bisect_left(self.mids, metric_hi, a)
+        p = self.pending
+        at = self.order[a:b]
+        types = list(map(p.types.__getitem__, at))
+        count = list(map(p.count.__getitem__, at))
+        state: list[bytes | None] = [None] * len(at)
+        stateful = [j for j, code in enumerate(types) if code in _STATEFUL]
+        if len(stateful) < len(at):
+            plain = [at[j] for j, code in enumerate(types) if code not in _STATEFUL]
+            for column in p.states:
+                if list(map(column.__getitem__, plain)).count(None) != len(plain):
+                    return None
+        if stateful:
+            where = list(map(at.__getitem__, stateful))
+            blobs = [list(map(column.__getitem__, where)) for column in p.states]
+            merged = map(merge_blobs, map(types.__getitem__, stateful), zip(*blobs, strict=True))
+            try:
+                for j, blob in zip(stateful, merged, strict=True):
+                    state[j] = blob
+                    if types[j] == SET:
+                        count[j] = _set_cardinality(blob)
+            except ValueError:  # a malformed blob
+                return None
+        return list(
             zip(
-                repeat(resolution), repeat(self.bucket), self.mids, self.sids, count,
-                self.sum, self.min, self.max, self.last, state,
+                repeat(self.resolution), repeat(self.bucket), self.mids[a:b],
+                map(p.sids.__getitem__, at), count, map(p.sum.__getitem__, at),
+                map(p.min.__getitem__, at), map(p.max.__getitem__, at),
+                map(p.last.__getitem__, at), state,
             )
         )  # fmt: skip
-        if not self.ordered:
-            rows.sort(key=itemgetter(2, 3))
-        return rows
+
+
+@dataclass(slots=True, eq=False)
+class _Compaction:
+    """Buckets ``[lo, hi)`` of one coarse tier being compacted, a slice of
+    metrics per write: slice k holds metric ids ``[cuts[k], cuts[k + 1])``.
+
+    At 100k series, compacting a minute bucket in one write added 0.5 s to
+    that flush, and an hour bucket (6M finer rows through ``_COMPACT``)
+    about 9 s. Sliced, each write does a bounded share
+    (``COMPACT_SLICE_SERIES`` from memory, ``COMPACT_SLICE_ROWS`` finer rows
+    by SQL), but never fewer series than finish the range before the next
+    bucket of the tier completes. The tier's watermark moves only when the
+    last slice is written, so until then queries read the finer tier and
+    the rows of the slices already written are not seen.
+    """
+
+    lo: int
+    hi: int
+    cuts: list[int]
+    #: tier 1's bucket from the writer's memory, else None: ``_COMPACT``
+    source: _PendingRows | None
+    written: int = 0  # slices
+
+    def finished(self) -> bool:
+        return self.written >= len(self.cuts) - 1
+
+
+def _slice_cuts(counts: Sequence[tuple[int, int]], per_slice: int) -> list[int]:
+    """Metric-id bounds of slices of about ``per_slice`` series each, whole
+    metrics (a metric's totals are computed from all of its series), from
+    (metric id, series) in id order. The last bound is past every id."""
+    cuts = [0]
+    filled = 0
+    for metric_id, series in counts:
+        if filled >= per_slice:
+            cuts.append(metric_id)
+            filled = 0
+        filled += series
+    cuts.append(_NO_METRIC)
+    return cuts
 
 
 class _Writer:
@@ -1158,6 +1258,8 @@ class _Writer:
         self.state: list[_TierState] = []
         #: tier 1's bucket being filled, when its buckets are few flush windows
         self.pending: _Pending | None = None
+        #: tier index -> the range of it being compacted, a slice per write
+        self.compacting: dict[int, _Compaction] = {}
         self.fold = (
             len(self.tiers) > 1
             and self.tiers[1].resolution // self.tiers[0].resolution <= PENDING_MAX_WINDOWS
@@ -1176,6 +1278,7 @@ class _Writer:
         """Warm the caches, so that a restart's first flush is a pure executemany too."""
         conn = self.conn
         self.pending = None  # the file may hold rows it never saw
+        self.compacting.clear()  # restarted from the watermarks (OR REPLACE)
         self.series.clear()
         self.series_seen.clear()
         self.metrics.clear()
@@ -1253,6 +1356,8 @@ class _Writer:
                 continue
             rows.extend(self._window_rows(window, r0, ts))
             windows += 1
+            if self.compacting:
+                self._touched(1, ts)
         if not rows:
             return {}
         if windows > 1:  # each window's rows come sorted; the windows, newest first
@@ -1534,58 +1639,123 @@ class _Writer:
             where = f"AND r.metric_id IN ({metric_ids})"
             params = {"r": r, "src": self.state[i - 1].resolution, "lo": bucket, "hi": bucket + r}
             sql = _COMPACT.format(
-                where=f"{where} AND r.series_id IN ({_ids(s for _, s in members)})"
+                span=_SPAN, where=f"{where} AND r.series_id IN ({_ids(s for _, s in members)})"
             )
             self.conn.execute(sql, params)
-            self.conn.execute(_TOTALS.format(where=where), params)
+            self.conn.execute(_TOTALS.format(span=_SPAN, where=where), params)
+            if coarser is None:
+                continue
+            parent = _floor(bucket, coarser.resolution)
             if (
-                coarser is not None
-                and coarser.complete_from is not None
+                coarser.complete_from is not None
                 and coarser.complete_until is not None
-                and coarser.complete_from <= bucket < coarser.complete_until
+                and coarser.complete_from <= parent < coarser.complete_until
             ):
-                parent = _floor(bucket, coarser.resolution)
                 late.setdefault(i + 1, set()).update((parent, m, s) for m, s in members)
+            else:
+                self._touched(i + 1, parent)
+
+    def _touched(self, i: int, ts: int) -> None:
+        """Finer rows at ts changed: a range of tier i being compacted that
+        holds ts starts over (its slices written so far may be stale)."""
+        job = self.compacting.get(i)
+        if job is not None and job.lo <= ts < job.hi:
+            del self.compacting[i]
 
     def _compact(self, i: int) -> None:
-        """Compact every bucket of tier i that tier i-1 has completed since last time."""
+        """Compact the next slice of tier i's buckets that tier i-1 has completed.
+
+        A range whose last slice is written moves the watermark, and the
+        next range may start in the same write: at most one by SQL per
+        write (as before compaction was sliced), but tier 1's bucket from
+        memory always, before the next window replaces it.
+        """
+        by_sql = False
+        while True:
+            job = self.compacting.get(i) or self._next_compaction(i, sql=not by_sql)
+            if job is None:
+                return
+            self.compacting[i] = job
+            self._compact_slice(i, job)
+            by_sql = by_sql or job.source is None
+            if not job.finished():
+                return
+            del self.compacting[i]
+            self.state[i].complete_until = job.hi
+
+    def _next_compaction(self, i: int, sql: bool = True) -> _Compaction | None:
+        """The range of tier i to compact next, cut into slices; None when
+        tier i-1 has completed none of its buckets since the watermark, or
+        when only SQL could compact it and ``sql`` is False."""
         tier, finer = self.state[i], self.state[i - 1]
         if finer.complete_until is None:
-            return
+            return None
         if tier.complete_until is None:
             start = self._first_bucket(i)
             if start is None:
-                return
+                return None
             tier.complete_from = tier.complete_until = start
         assert tier.complete_until is not None
         r, src = tier.resolution, finer.resolution
         lo, hi = tier.complete_until, _floor(finer.complete_until, r)
         if hi <= lo:
-            return
+            return None
         pending = self.pending if i == 1 else None
         if pending is not None and pending.bucket <= lo:
             self.pending = None
-            rows = pending.rows(r) if pending.bucket == lo else None
-            if rows is not None:
-                self.conn.executemany(_INSERT_COMPACTED, rows)
-                self.conn.execute(_TOTALS.format(where=""), {"r": r, "lo": lo, "hi": lo + r})
-                lo = tier.complete_until = lo + r
-                if hi <= lo:
-                    return
+            source = pending.compacted(r) if pending.bucket == lo else None
+            if source is not None:
+                writes = self._writes_before_next(i, lo + r)
+                per_slice = max(COMPACT_SLICE_SERIES, -(-len(source.mids) // writes))
+                return _Compaction(lo, lo + r, source.cuts(per_slice), source)
+        if not sql:
+            return None
         (first,) = self.conn.execute(
             "SELECT min(ts) FROM rollups WHERE resolution = ? AND ts >= ? AND ts < ?", (src, lo, hi)
         ).fetchone()
-        if first is not None:
-            # skip an empty stretch (downtime); bound one write's work (a tier
-            # added to an old file catches up over several flushes)
-            lo = _floor(first, r)
-            hi = min(hi, max(lo + r, _floor(lo + MAX_COMPACT_WINDOWS * src, r)))
-            params = {"r": r, "src": src, "lo": lo, "hi": hi}
-            self.conn.execute(_COMPACT.format(where=""), params)
-            self.conn.execute(_TOTALS.format(where=""), params)
-        tier.complete_until = hi
+        if first is None:  # an empty stretch (downtime): nothing to compact
+            tier.complete_until = hi
+            return None
+        # bound one range's work (a tier added to an old file catches up over several)
+        lo = _floor(first, r)
+        hi = min(hi, max(lo + r, _floor(lo + MAX_COMPACT_WINDOWS * src, r)))
         if i == 1 and self.pending is not None and self.pending.bucket < hi:
             self.pending = None  # compacted by SQL
+        counts = [(m.id, m.series) for m in self.metric_by_id.values()]
+        counts.sort()
+        series = sum(n for _, n in counts)
+        writes = self._writes_before_next(i, hi)
+        per_slice = max(COMPACT_SLICE_ROWS * src // (hi - lo), -(-series // writes), 1)
+        return _Compaction(lo, hi, _slice_cuts(counts, per_slice), None)
+
+    def _writes_before_next(self, i: int, hi: int) -> int:
+        """The writes left before tier i-1 completes the bucket of tier i that
+        follows ``hi``: a range compacted in that many slices is done in time
+        for it, even one that started late (after a restart, or behind a range
+        by SQL), so compaction catches up instead of falling behind."""
+        due = hi + self.state[i].resolution - (self.state[i - 1].complete_until or hi)
+        return max(1, due // self.state[0].resolution)
+
+    def _compact_slice(self, i: int, job: _Compaction) -> None:
+        """Write the next slice of a range, and its metric totals."""
+        r, src = self.state[i].resolution, self.state[i - 1].resolution
+        k = job.written
+        params = {"r": r, "src": src, "lo": job.lo, "hi": job.hi}
+        if len(job.cuts) == 2:  # the whole range at once
+            span = _SPAN
+        else:
+            params.update(mlo=job.cuts[k], mhi=job.cuts[k + 1])
+            span = _SLICE_SPAN.format(ts=_ids(range(job.lo, job.hi, src)))
+        rows = job.source.rows(job.cuts[k], job.cuts[k + 1]) if job.source else None
+        if rows is None:
+            job.source = None  # SQL from here on
+            self.conn.execute(_COMPACT.format(span=span, where=""), params)
+        else:
+            self.conn.executemany(_INSERT_COMPACTED, rows)
+        if span is not _SPAN:
+            span = _SLICE_SPAN.format(ts=_ids(range(job.lo, job.hi, r)))
+        self.conn.execute(_TOTALS.format(span=span, where=""), params)
+        job.written += 1
 
     def _first_bucket(self, i: int) -> int | None:
         """Where a new tier starts: the first of its buckets the finer tier holds whole."""

@@ -40,7 +40,7 @@ import workloads  # noqa: E402
 
 from aggregator.aggregate import Aggregator, snapshot  # noqa: E402
 from aggregator.fastpath import native  # noqa: E402
-from aggregator.intake import Intake, quiet_gc  # noqa: E402
+from aggregator.intake import Intake, paused_gc, quiet_gc  # noqa: E402
 from aggregator.limits import Limits  # noqa: E402
 from aggregator.model import Sample  # noqa: E402
 from aggregator.protocol import Parser  # noqa: E402
@@ -111,33 +111,39 @@ def flush(series: int, per_series: int, rounds: int) -> None:
             [Tier(INTERVAL, 86400), Tier(60, 30 * 86400), Tier(3600, 2 * 365 * 86400)],
         )
         aggregator = Aggregator(INTERVAL, PERCENTILES, limits=Limits(max_series=10**7))
-        # the windows of one minute, ending two minutes ago: the last one's
-        # write compacts that minute
-        start = int(time.time()) // 60 * 60 - 120
+        # a minute and a half of windows, starting three minutes ago: the 12th
+        # completes the minute, and it and the ones after it compact that
+        # minute a slice each (storage._Compaction)
+        start = int(time.time()) // 60 * 60 - 180
+        minute_at = 60 // INTERVAL - 1
         first = minute = (0.0, 0.0)
-        steady_runs: list[tuple[float, float]] = []
-        for n in range(60 // INTERVAL):
+        later: list[tuple[float, float]] = []
+        for n in range(minute_at + 1 + 60 // INTERVAL // 2):
             aggregator.open(start + n * INTERVAL)
             aggregator.add(samples)
             (closed,) = aggregator.swap(start + (n + 1) * INTERVAL)
-            t0 = time.perf_counter()
-            rollups = snapshot(closed, PERCENTILES)
-            t1 = time.perf_counter()
-            storage.write(rollups)
-            t2 = time.perf_counter()
+            with paused_gc():  # as the daemon's writer thread runs a flush
+                t0 = time.perf_counter()
+                rollups = snapshot(closed, PERCENTILES)
+                t1 = time.perf_counter()
+                storage.write(rollups)
+                t2 = time.perf_counter()
+                del closed, rollups
             if n == 0:
                 first = (t1 - t0, t2 - t1)
-            elif n == 60 // INTERVAL - 1:
+            elif n == minute_at:
                 minute = (t1 - t0, t2 - t1)
             else:
-                steady_runs.append((t1 - t0, t2 - t1))
+                later.append((t1 - t0, t2 - t1))
         storage.close()
-    steady = min(steady_runs, key=sum)
+    later.sort(key=sum)
     print(f"flush of {series:,} series, {per_series} values each per {INTERVAL} s window:")
     for label, (made, written) in (
         ("first window (creates the series)", first),
-        (f"later windows (best of {min(rounds, len(steady_runs))})", steady),
-        ("the window that completes a minute (+ compaction)", minute),
+        (f"later windows, best of {len(later)}", later[0]),
+        ("later windows, median", later[len(later) // 2]),
+        ("later windows, worst", later[-1]),
+        ("the window that completes a minute (+ its first slice)", minute),
     ):
         print(f"  {label}: snapshot {made:.3f} s + write {written:.3f} s = {made + written:.3f} s")
 

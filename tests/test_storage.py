@@ -801,6 +801,54 @@ def test_late_rows_recompute_compacted_buckets(
             )
 
 
+def test_sliced_compaction_answers_like_the_raw_data_at_every_step(
+    open_storage: Callable[..., Storage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Compacted a metric per write, a bucket stays unseen by queries until
+    its last slice is written; late rows into a range still being compacted
+    (tier 1's, and in cascade tier 2's) start that range over."""
+    from aggregator import storage as storage_module
+
+    monkeypatch.setattr(storage_module, "COMPACT_SLICE_SERIES", 1)
+    monkeypatch.setattr(storage_module, "COMPACT_SLICE_ROWS", 1)
+    storage = open_storage()
+    oracle = open_storage("oracle.db", ORACLE_TIERS)
+    writer = storage.open_writer()
+    seen_in_progress: set[int] = set()
+    restarted: list[int] = []
+    flushes = random_flushes(12, 2 * HOUR // 10 + 30)
+    for n, batch in enumerate(flushes):
+        ts = T0 + 10 * n
+        for tier, job in writer.compacting.items():
+            seen_in_progress.add(tier)
+            if n % 9 == 4 and job.written:  # a late window into the range being compacted
+                late = random_flushes(100 + n, 1, start=job.lo)[0]
+                batch = [*batch, *late]
+                restarted.append(tier)
+        storage.write(batch)
+        oracle.write(batch)
+        if n % 11 == 0 or n > len(flushes) - 8:
+            for q in QUERIES[::3]:
+                kw = {**q, "start": T0, "end": ts + 10, "step": 60, "now": ts + 10}
+                metric = kw.pop("metric")
+                assert_same_documents(
+                    storage.query_series(metric, **kw), raw_answer(oracle, metric, **kw)
+                )
+    assert seen_in_progress == {1, 2}
+    assert set(restarted) == {1, 2}
+    for _ in range(100):
+        if not writer.compacting:
+            break
+        storage.write([])
+    with sqlite3.connect(storage.path) as conn:
+        tiers = dict(conn.execute("SELECT resolution, complete_until FROM tiers"))
+    assert tiers == {10: T0 + 2 * HOUR + 300, 60: T0 + 2 * HOUR + 300, 600: T0 + 2 * HOUR}
+    for q in QUERIES:
+        kw = {**q, "start": T0, "end": T0 + 2 * HOUR, "step": 600, "now": T0 + 3 * HOUR}
+        metric = kw.pop("metric")
+        assert_same_documents(storage.query_series(metric, **kw), raw_answer(oracle, metric, **kw))
+
+
 def test_metric_gaining_series_later_uses_totals_only_where_they_exist(
     open_storage: Callable[..., Storage],
 ) -> None:
@@ -902,29 +950,38 @@ def tricky_minutes(seed: int) -> list[list[Rollup]]:
     return flushes
 
 
+@pytest.mark.parametrize("sliced", [False, True], ids=["whole", "sliced"])
 @pytest.mark.parametrize("fold_in_c", [True, False], ids=["fold-in-c", "fold-in-python"])
 def test_minutes_compacted_in_memory_are_the_rows_sql_compacts(
-    open_storage: Callable[..., Storage], monkeypatch: pytest.MonkeyPatch, fold_in_c: bool
+    open_storage: Callable[..., Storage],
+    monkeypatch: pytest.MonkeyPatch,
+    fold_in_c: bool,
+    sliced: bool,
 ) -> None:
     """The writer folds tier 1's bucket as it writes the windows; what it stores
     must be exactly what _COMPACT stores, bit for bit: sums added in the same
     order, the same of two equal min values, NULLs, merged blobs, totals. With
     the C extension, _Pending.add folds the common windows there
-    (``fold_rows``); without it, all in Python."""
+    (``fold_rows``); without it, all in Python. Sliced: each bucket is
+    compacted a metric or two per write, over the writes that follow (the
+    restart at minute 7 drops a range half done)."""
     from aggregator import storage as storage_module
 
     if not fold_in_c:
         monkeypatch.setattr(storage_module, "sketch_native", None)
+    if sliced:
+        monkeypatch.setattr(storage_module, "COMPACT_SLICE_SERIES", 1)
+        monkeypatch.setattr(storage_module, "COMPACT_SLICE_ROWS", 1)
 
     folded = []
-    rows = storage_module._Pending.rows
+    compacted = storage_module._Pending.compacted
 
-    def counting_rows(self: Any, resolution: int) -> Any:
-        result = rows(self, resolution)
+    def counting_compacted(self: Any, resolution: int) -> Any:
+        result = compacted(self, resolution)
         folded.append(result is not None)
         return result
 
-    monkeypatch.setattr(storage_module._Pending, "rows", counting_rows)
+    monkeypatch.setattr(storage_module._Pending, "compacted", counting_compacted)
 
     def pair() -> tuple[Storage, Storage]:
         memory, sql = open_storage("memory.db"), open_storage("sql.db")
@@ -948,6 +1005,13 @@ def test_minutes_compacted_in_memory_are_the_rows_sql_compacts(
             batch = [*flushes[n - 1], *batch]
         memory.write(batch)
         sql.write(batch)
+    for storage in (memory, sql):  # the slices still to write
+        writer = storage.open_writer()
+        for _ in range(100):
+            if not writer.compacting:
+                break
+            storage.write([])
+        assert not writer.compacting
 
     def dump(storage: Storage) -> str:
         with sqlite3.connect(storage.path) as conn:
