@@ -107,9 +107,10 @@ over. After a downtime, compaction jumps over the empty stretch; a tier
 added to an existing file catches up at most ``MAX_COMPACT_WINDOWS`` finer
 windows per range.
 
-Retention runs at most once a minute (``PRUNE_EVERY``), deletes by primary
-key range, and never deletes finer rows that the next tier has not
-compacted yet.
+Each write deletes the rollups and totals that their tier's retention has
+passed, by primary key range, and never finer rows that the next tier has
+not compacted yet. The rest of retention (events, checks, dropped tiers,
+dead series) runs at most once a minute (``PRUNE_EVERY``).
 
 Querying
 --------
@@ -1333,6 +1334,7 @@ class _Writer:
                     self._recompute_late(i, late)
                     self._compact(i)
                 now = self.clock()
+                self._expire(int(now))
                 if now >= self.next_prune:
                     self._prune(int(now))
                     self.next_prune = now + PRUNE_EVERY
@@ -1783,8 +1785,10 @@ class _Writer:
 
     # ------------------------------------------------------------ retention
 
-    def _prune(self, now: int) -> None:
-        """Delete what each tier's retention has passed; forget dead series."""
+    def _expire(self, now: int) -> None:
+        """Delete the rows that each tier's retention has passed, on every
+        write: a share per write, where once a minute at 100k series and 5 s
+        windows took 1.2M rows (0.37 s) out of one flush."""
         for i, tier in enumerate(self.state):
             cutoff = now - tier.retention
             if i + 1 < len(self.state):
@@ -1798,6 +1802,10 @@ class _Writer:
                     (tier.resolution, cutoff),
                 )
             tier.pruned_before = max(tier.pruned_before or cutoff, cutoff)
+
+    def _prune(self, now: int) -> None:
+        """Delete the dropped tiers', events' and checks' rows past the longest
+        retention; forget dead series."""
         horizon = now - max(t.retention for t in self.tiers)
         # resolutions dropped from the configuration: kept up to the longest retention
         configured = _ids(self.storage.resolutions)
