@@ -226,12 +226,16 @@ class Daemon:
         started: float,
         merge: tuple[Sequence[concurrent.futures.Future[Report]], Budget] | None,
     ) -> None:
-        """Merge the workers' windows, snapshot, one transaction.
+        """Merge the workers' windows, snapshot, one transaction; then /metrics
+        and carbon.
 
-        Where the time went is kept per phase (``last_flush_phases``): queued
+        The flush (``last_flush_seconds``) ends when the window is stored:
+        where its time went is kept per phase (``last_flush_phases``): queued
         behind the previous flush, waiting for the workers' windows,
-        unpickling and merging them, the snapshot, /metrics and carbon,
-        and the SQLite transaction.
+        unpickling and merging them, the snapshot, and the SQLite
+        transaction. /metrics and carbon follow, from the same rollups
+        (``last_outputs_seconds``), so that they do not hold the window
+        back from SQLite.
         """
         totals = self.selfstats.totals
         phases: dict[str, float] = {}
@@ -251,8 +255,6 @@ class Daemon:
             for window in closed:
                 rollups.extend(snapshot(window, self.config.percentiles))
             phase("snapshot")
-            self.outputs.publish(closed, rollups)
-            phase("outputs")
             state = {"gauges": encode_gauges(gauges)}
             batch = Batch([w.start for w in closed], rollups, events, checks, state)
             if not self.durable.write(batch):
@@ -264,9 +266,11 @@ class Daemon:
             raise
         finally:
             totals.flushes += 1
-            totals.last_flush_at = self.clock()
-            totals.last_flush_seconds = totals.last_flush_at - started
+            totals.last_flush_at = mark
+            totals.last_flush_seconds = mark - started
             totals.last_flush_phases = phases
+        self.outputs.publish(closed, rollups)
+        totals.last_outputs_seconds = self.clock() - mark
 
     def _merge_reports(
         self,
@@ -399,6 +403,7 @@ class Daemon:
             "last_flush_at": totals.last_flush_at,
             "last_flush_seconds": round(totals.last_flush_seconds, 6),
             "last_flush_phases": totals.last_flush_phases,
+            "last_outputs_seconds": round(totals.last_outputs_seconds, 6),
             **self.selfstats.live_totals(),
             "series": self.aggregator.series_count,
             **self.ops.health(),

@@ -39,6 +39,8 @@ class Totals:
     #: where last_flush_seconds went: phase -> seconds (see Daemon._write)
     last_flush_phases: dict[str, float] = field(default_factory=dict)
     last_flush_at: float = 0.0
+    #: /metrics and carbon, after the last flush was stored
+    last_outputs_seconds: float = 0.0
     flush_errors: int = 0
 
 
