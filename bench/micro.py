@@ -10,15 +10,17 @@ cost, in a few seconds and with less noise:
 - flush: for N active series (the workload-(d) mix, SAMPLES values each per
   window, in a seeded random order), ``aggregate.snapshot`` and
   ``Storage.write`` of a first window (which creates the series), of the
-  windows after it, and of the window that completes a minute (whose write
-  also compacts the 1-minute tier).
+  window that completes a minute (whose write starts compacting it, a
+  slice a window), and the best, median and worst of the windows around
+  it.
 
     .venv/bin/python bench/micro.py                  # intake a,b,d,e; flush 100k
     .venv/bin/python bench/micro.py --series 10000 --sections flush
 
-Run it pinned to one core on a quiet machine (``taskset -c 0``); each figure
-is the best of ``--rounds`` (the least disturbed). The garbage collector is
-set up as the daemon sets it up (``intake.quiet_gc``).
+Run it pinned to one core on a quiet machine (``taskset -c 0``); each intake
+figure is the best of ``--rounds`` (the least disturbed). The garbage
+collector is set up as the daemon sets it up (``intake.quiet_gc``, and
+``intake.paused_gc`` around each flush).
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def window_samples(series: int, per_series: int, seed: int = 1) -> list[Sample]:
     return samples
 
 
-def flush(series: int, per_series: int, rounds: int) -> None:
+def flush(series: int, per_series: int) -> None:
     samples = window_samples(series, per_series)
     with tempfile.TemporaryDirectory() as folder:
         storage = Storage(
@@ -165,7 +167,7 @@ def main() -> None:
             for fast in (True, False) if native is not None else (False,):
                 intake(key, args.rounds, fast)
     if "flush" in sections:
-        flush(args.series, args.samples, args.rounds)
+        flush(args.series, args.samples)
 
 
 if __name__ == "__main__":
