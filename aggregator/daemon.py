@@ -260,6 +260,9 @@ class Daemon:
             if not self.durable.write(batch):
                 totals.flush_errors += 1  # parked in the spool: stored later, in order
             phase("store")
+            self.outputs.publish(closed, rollups)  # never raises
+            # before the flush is counted: whoever sees it sees this figure too
+            totals.last_outputs_seconds = self.clock() - mark
         except Exception:
             totals.flush_errors += 1
             log.exception("flush failed")
@@ -269,8 +272,6 @@ class Daemon:
             totals.last_flush_at = mark
             totals.last_flush_seconds = mark - started
             totals.last_flush_phases = phases
-        self.outputs.publish(closed, rollups)
-        totals.last_outputs_seconds = self.clock() - mark
 
     def _merge_reports(
         self,

@@ -87,13 +87,14 @@ COMPLETE bucket it has not compacted yet (bucket end <= the finer tier's
 bucket, series``: SQL sums, min and max; ``last`` is the last of the finer
 row with the latest ts (a join on the primary key); sketches and sets are
 merged by the Python aggregate ``merge_states``. Many series are compacted
-a slice of metric ids per write (``_Compaction``), as many writes as it
-takes to finish before the tier's next bucket completes; the watermark
-moves with the last slice, so queries read the finer tier until then. Tier 1 usually skips that
-query: the writer folds each window of tier 1's current bucket into one
-running row per series as it writes the window (``_Pending``), and the
-flush that completes the bucket writes those rows, the very ones the query
-would write, after one merge of blobs per series. A bucket whose tier-0
+a slice of metric ids per write (``_Compaction``), over as many writes as
+it takes to finish before the tier's next bucket completes; the watermark
+moves with the last slice, so queries read the finer tier until then.
+Tier 1 usually skips that query: the writer folds each window of tier 1's
+current bucket into one running row per series as it writes the window
+(``_Pending``), and from the flush that completes the bucket on, writes
+those rows, the very ones the query would write, after one merge of blobs
+per series. A bucket whose tier-0
 rows the writer has not all seen written once (a restart in the middle of
 it, a window written again, values SQLite stores as NULL) goes through the
 query. The metric totals of the buckets then follow from the fresh coarse
