@@ -12,7 +12,9 @@ cost, in a few seconds and with less noise:
   ``Storage.write`` of a first window (which creates the series), of the
   window that completes a minute (whose write starts compacting it, a
   slice a window), and the best, median and worst of the windows around
-  it.
+  it;
+- hour (only when asked for): the compaction of an hour bucket of N
+  series, in one statement and in the writer's slices.
 
     .venv/bin/python bench/micro.py                  # intake a,b,d,e; flush 100k
     .venv/bin/python bench/micro.py --series 10000 --sections flush
@@ -46,7 +48,7 @@ from aggregator.intake import Intake, paused_gc, quiet_gc  # noqa: E402
 from aggregator.limits import Limits  # noqa: E402
 from aggregator.model import Sample  # noqa: E402
 from aggregator.protocol import Parser  # noqa: E402
-from aggregator.storage import Storage, Tier  # noqa: E402
+from aggregator.storage import _COMPACT, _SPAN, Storage, Tier  # noqa: E402
 
 PERCENTILES = (90.0, 95.0, 99.0)
 INTERVAL = 5
@@ -150,11 +152,70 @@ def flush(series: int, per_series: int) -> None:
         print(f"  {label}: snapshot {made:.3f} s + write {written:.3f} s = {made + written:.3f} s")
 
 
+def hour(series: int) -> None:
+    """The compaction of an hour bucket of ``series`` series from 60 minute
+    rows each: in one statement (as before it was sliced) and in the slices
+    the writer now spreads over the hour's flushes. One minute is written
+    and compacted for real; its rows are copied to the hour's other 59
+    minutes with SQL, and the 1-minute tier's watermark moved to the hour's
+    end, which is what an hour of flushes would have left."""
+    samples = window_samples(series, 1)
+    with tempfile.TemporaryDirectory() as folder:
+        storage = Storage(
+            os.path.join(folder, "metrics.db"),
+            [Tier(INTERVAL, 86400), Tier(60, 30 * 86400), Tier(3600, 2 * 365 * 86400)],
+        )
+        aggregator = Aggregator(INTERVAL, PERCENTILES, limits=Limits(max_series=10**7))
+        start = int(time.time()) // 3600 * 3600 - 7200
+        for n in range(60 // INTERVAL):
+            aggregator.open(start + n * INTERVAL)
+            aggregator.add(samples)
+            (closed,) = aggregator.swap(start + (n + 1) * INTERVAL)
+            storage.write(snapshot(closed, PERCENTILES))
+        writer = storage.open_writer()
+        for _ in range(100):  # the minute's slices
+            if not writer.compacting:
+                break
+            storage.write([])
+        conn = writer.conn
+        with conn:
+            conn.executemany(
+                "INSERT INTO rollups SELECT resolution, ts + ?, metric_id, series_id, count, "
+                "sum, min, max, last, state FROM rollups WHERE resolution = 60 AND ts = ?",
+                [(60 * m, start) for m in range(1, 60)],
+            )
+        writer.state[1].complete_from = start
+        writer.state[1].complete_until = start + 3600
+        writer.state[2].complete_from = writer.state[2].complete_until = start
+        params = {"r": 3600, "src": 60, "lo": start, "hi": start + 3600}
+        t0 = time.perf_counter()
+        conn.execute("BEGIN")
+        conn.execute(_COMPACT.format(span=_SPAN, where=""), params)
+        whole = time.perf_counter() - t0
+        conn.execute("ROLLBACK")
+        slices = []
+        while len(slices) < 10_000:
+            t0 = time.perf_counter()
+            with conn:
+                writer._compact(2)
+            slices.append(time.perf_counter() - t0)
+            if 2 not in writer.compacting:
+                break
+        storage.close()
+    slices.sort()
+    print(f"compaction of an hour of {series:,} series (60 minute rows each):")
+    print(f"  in one statement: {whole:.3f} s")
+    print(
+        f"  in {len(slices)} slices: median {slices[len(slices) // 2]:.3f} s, "
+        f"worst {slices[-1]:.3f} s, {sum(slices):.3f} s in all"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default="intake,flush")
     parser.add_argument("--workloads", default="a,b,d,e", help="intake corpora")
-    parser.add_argument("--series", type=int, default=100_000, help="flush: active series")
+    parser.add_argument("--series", type=int, default=100_000, help="flush, hour: series")
     parser.add_argument("--samples", type=int, default=3, help="flush: values per series")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
@@ -168,6 +229,8 @@ def main() -> None:
                 intake(key, args.rounds, fast)
     if "flush" in sections:
         flush(args.series, args.samples)
+    if "hour" in sections:
+        hour(args.series)
 
 
 if __name__ == "__main__":

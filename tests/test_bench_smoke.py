@@ -68,10 +68,12 @@ def test_the_benchmark_runs_ours_with_ingest_workers(tmp_path: Path) -> None:
 
 
 def test_the_hot_path_timings_run() -> None:
-    args = ["--workloads", "a", "--series", "2000", "--rounds", "1"]
+    args = ["--sections", "intake,flush,hour", "--workloads", "a", "--series", "2000"]
+    args += ["--rounds", "1"]
     done = subprocess.run(
         [sys.executable, "bench/micro.py", *args], cwd=ROOT, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "intake (a)" in done.stdout
     assert "the window that completes a minute" in done.stdout
+    assert "compaction of an hour of 2,000 series" in done.stdout
