@@ -107,14 +107,20 @@ def window_samples(series: int, per_series: int, seed: int = 1) -> list[Sample]:
     return samples
 
 
+def _writer_and_window(folder: str) -> tuple[Storage, Aggregator]:
+    """A storage in folder with tiers of INTERVAL, a minute and an hour, and
+    an aggregator with no series limit."""
+    storage = Storage(
+        os.path.join(folder, "metrics.db"),
+        [Tier(INTERVAL, 86400), Tier(60, 30 * 86400), Tier(3600, 2 * 365 * 86400)],
+    )
+    return storage, Aggregator(INTERVAL, PERCENTILES, limits=Limits(max_series=10**7))
+
+
 def flush(series: int, per_series: int) -> None:
     samples = window_samples(series, per_series)
     with tempfile.TemporaryDirectory() as folder:
-        storage = Storage(
-            os.path.join(folder, "metrics.db"),
-            [Tier(INTERVAL, 86400), Tier(60, 30 * 86400), Tier(3600, 2 * 365 * 86400)],
-        )
-        aggregator = Aggregator(INTERVAL, PERCENTILES, limits=Limits(max_series=10**7))
+        storage, aggregator = _writer_and_window(folder)
         # a minute and a half of windows, starting three minutes ago: the 12th
         # completes the minute, and it and the ones after it compact that
         # minute a slice each (storage._Compaction)
@@ -161,11 +167,7 @@ def hour(series: int) -> None:
     end, which is what an hour of flushes would have left."""
     samples = window_samples(series, 1)
     with tempfile.TemporaryDirectory() as folder:
-        storage = Storage(
-            os.path.join(folder, "metrics.db"),
-            [Tier(INTERVAL, 86400), Tier(60, 30 * 86400), Tier(3600, 2 * 365 * 86400)],
-        )
-        aggregator = Aggregator(INTERVAL, PERCENTILES, limits=Limits(max_series=10**7))
+        storage, aggregator = _writer_and_window(folder)
         start = int(time.time()) // 3600 * 3600 - 7200
         for n in range(60 // INTERVAL):
             aggregator.open(start + n * INTERVAL)
