@@ -1150,7 +1150,8 @@ class _PendingRows:
         """Metric-id bounds of slices of about ``per_slice`` series each, whole
         metrics (a metric's totals are computed from all of its series)."""
         mids = self.mids
-        cuts = [0, *sorted({mids[at] for at in range(per_slice, len(mids), per_slice)})]
+        inner = {mids[at] for at in range(per_slice, len(mids), per_slice)} - {mids[0]}
+        cuts = [0, *sorted(inner)]  # no empty first slice when one metric fills it
         cuts.append(_NO_METRIC)
         return cuts
 
