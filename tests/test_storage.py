@@ -968,6 +968,7 @@ def test_minutes_compacted_in_memory_are_the_rows_sql_compacts(
 
     if not fold_in_c:
         monkeypatch.setattr(storage_module, "sketch_native", None)
+        monkeypatch.setattr(storage_module, "sqlite_native", None)
     if sliced:
         monkeypatch.setattr(storage_module, "COMPACT_SLICE_SERIES", 1)
         monkeypatch.setattr(storage_module, "COMPACT_SLICE_ROWS", 1)
@@ -1029,9 +1030,10 @@ def test_minutes_compacted_in_memory_are_the_rows_sql_compacts(
 def test_the_c_rows_are_the_python_rows(
     open_storage: Callable[..., Storage], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With the C extension the writer builds each window's rows and folds the
-    minute in C (``window_rows``, ``fold_rows``); the file must be the one the
-    Python path writes, byte for byte, series ids and tag orders included."""
+    """With the C extensions the writer builds each window's rows and folds the
+    minute in C (``window_rows``, ``fold_rows``) and binds its bulk rows in C
+    (``_sqlitefast.executemany``); the file must be the one the Python path
+    writes, byte for byte, series ids and tag orders included."""
     from aggregator import storage as storage_module
 
     if storage_module.sketch_native is None:
@@ -1044,6 +1046,7 @@ def test_the_c_rows_are_the_python_rows(
         with_c.write(batch)
         with monkeypatch.context() as m:
             m.setattr(storage_module, "sketch_native", None)
+            m.setattr(storage_module, "sqlite_native", None)
             without_c.write(batch)
 
     def dump(storage: Storage) -> str:
