@@ -42,7 +42,6 @@ from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from operator import itemgetter
 from typing import Any
 
 from .fastpath import sketch_native
@@ -598,7 +597,7 @@ def _rank(p: float, n: int) -> int:
 
 
 def snapshot(closed: ClosedWindow, percentiles: Sequence[float]) -> list[Rollup]:
-    """The rollups of one closed window, sorted by (name, type, tags).
+    """The rollups of one closed window, in no particular order.
 
     Pure: reads the window, never changes it, so it can run off the intake
     thread. Runs once per series per flush: with the C extension
@@ -625,12 +624,6 @@ def snapshot(closed: ClosedWindow, percentiles: Sequence[float]) -> list[Rollup]
         rollups, timers, sets = made
     _timer_rollups(closed, timers, ps, rollups.append)
     _set_rollups(closed, sets, rollups.append)
-    # (name, type, tags) is unique in a window: start and beyond never compare.
-    # Sorting by name first (strings only: CPython's fast path) leaves the
-    # full sort a nearly sorted list; the two together cost half of the full
-    # sort of rollups in arrival order.
-    rollups.sort(key=_NAME)
-    rollups.sort()
     return rollups
 
 
@@ -670,7 +663,6 @@ def _set_rollups(closed: ClosedWindow, keys: Iterable[SeriesKey], append: Any) -
         append(_new_rollup(Rollup, (*key, start, n, n, n, n, n, state, ())))
 
 
-_NAME = itemgetter(0)
 
 #: Rollup(...) goes through the NamedTuple's Python-level __new__; a flush
 #: builds one per series, so build the tuple directly (as protocol.py does

@@ -1471,7 +1471,10 @@ class _Writer:
         The cache holds every stored series (``_load``), so a miss is a new
         series, or a known one whose tags came in another order.  Ids are
         handed out here (this is the only writer), so each table takes one
-        ``executemany``.
+        ``executemany``. They go in key order, whatever order the window came
+        in: a metric's series get neighbouring ids (its rows sit together in
+        the rollups' b-tree) and the inserts into the series' unique index
+        are appends for names that sort after the ones stored.
         """
         first_new_metric = self.next_metric_id
         r0 = self.tiers[0].resolution
@@ -1479,7 +1482,7 @@ class _Writer:
         totals_moved: list[_MetricInfo] = []
         series_rows: list[tuple[Any, ...]] = []
         tag_rows: list[tuple[int, str, str]] = []
-        for name, type_code, raw in keys:
+        for name, type_code, raw in sorted(keys):
             tags = canonical_tags(raw) if raw else raw
             ids = self.series.get((name, type_code, tags))
             if ids is None:

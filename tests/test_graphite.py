@@ -172,7 +172,7 @@ def test_the_etsy_reference_flush() -> None:
     aggregator.open(T)
     for datagram in ETSY_INPUT:
         aggregator.add(parser.parse(datagram).samples)
-    rollups = [r for window in aggregator.swap(T + 1) for r in snapshot(window, (90, 99))]
+    rollups = [r for window in aggregator.swap(T + 1) for r in sorted(snapshot(window, (90, 99)))]
     lines = graphite_lines(rollups, Naming(1))
     assert lines == [
         f"stats.counters.a.hits.count 7 {T}",

@@ -43,7 +43,7 @@ def single(samples: list[Sample], gauges: dict[SeriesKey, float]) -> list[Rollup
     agg.restore_gauges(gauges)
     agg.open(W0)
     agg.add(samples)
-    return [r for w in agg.swap(W0 + INTERVAL) for r in snapshot(w, PERCENTILES)]
+    return [r for w in agg.swap(W0 + INTERVAL) for r in sorted(snapshot(w, PERCENTILES))]
 
 
 def spread(
@@ -74,7 +74,7 @@ def spread(
         for piece in window_slices(r.swap(W0 + INTERVAL), slice_series)
     ]
     moved = merge_worker_windows(closed, parts, daemon.spent)
-    return [r for w in closed for r in snapshot(w, PERCENTILES)], moved
+    return [r for w in closed for r in sorted(snapshot(w, PERCENTILES))], moved
 
 
 def decoded(state: bytes) -> tuple[object, ...]:
