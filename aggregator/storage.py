@@ -1502,7 +1502,8 @@ class _Writer:
                 self.series[(name, type_code, tags)] = ids
             self.series[(name, type_code, raw)] = ids
         conn = self.conn
-        conn.executemany(
+        _executemany(
+            conn,
             "INSERT INTO metrics (id, name, type, first_seen, last_seen, totals_from) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             [(m.id, m.name, m.type, m.first_seen, m.last_seen, m.totals_from) for m in new_metrics],
