@@ -1575,8 +1575,10 @@ class _Writer:
             else:
                 moving.update(compress(mids, map(le, map(due.__getitem__, mids), repeat(ts))))
         if series_rows:
-            self.conn.executemany(
-                "UPDATE series SET last_seen = max(last_seen, ?) WHERE id = ?", series_rows
+            _executemany(
+                self.conn,
+                "UPDATE series SET last_seen = max(last_seen, ?) WHERE id = ?",
+                series_rows,
             )
         if not moving:
             return
@@ -1596,8 +1598,8 @@ class _Writer:
                 info.last_seen = last
                 due[metric_id] = last + METRIC_SEEN_EVERY
             metric_rows.append((info.first_seen, info.last_seen, metric_id))
-        self.conn.executemany(
-            "UPDATE metrics SET first_seen = ?, last_seen = ? WHERE id = ?", metric_rows
+        _executemany(
+            self.conn, "UPDATE metrics SET first_seen = ?, last_seen = ? WHERE id = ?", metric_rows
         )
 
     def _advance_written(self, end: int) -> None:
