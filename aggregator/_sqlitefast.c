@@ -1,6 +1,6 @@
 /* Bulk statements on a sqlite3.Connection's own SQLite handle.
  *
- * The flush writes 100k rows of ten values in one statement run many times.
+ * A flush writes 100k rows of eleven values with one statement run many times.
  * sqlite3's Connection.executemany spends about a third of that in Python's
  * per-row work (the iterator, a type dispatch per value, the GIL dropped and
  * taken per step); executemany here reads a batch of rows' values with the
@@ -74,6 +74,8 @@ raise_sqlite(sqlite3 *db, int rc)
     int code = sqlite3_extended_errcode(db);
     if ((code & 0xFF) != (rc & 0xFF))
         code = rc;
+    if ((code & 0xFF) == SQLITE_NOMEM)
+        return PyErr_NoMemory();  /* as sqlite3 raises it */
     PyObject *cls = error_class(code);
     PyObject *exc = PyObject_CallFunction(cls, "s", sqlite3_errmsg(db));
     if (exc == NULL)
