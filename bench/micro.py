@@ -12,7 +12,8 @@ cost, in a few seconds and with less noise:
   ``Storage.write`` of a first window (which creates the series), of the
   window that completes a minute (whose write starts compacting it, a
   slice a window), and the best, median and worst of the windows around
-  it;
+  it; with ``--pickled``, each window goes through pickle first, as an
+  ingest worker's does, so the flush meets its keys as fresh objects;
 - hour (only when asked for): the compaction of an hour bucket of N
   series, in one statement and in the writer's slices.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import random
 import struct
 import sys
@@ -117,7 +119,7 @@ def _writer_and_window(folder: str) -> tuple[Storage, Aggregator]:
     return storage, Aggregator(INTERVAL, PERCENTILES, limits=Limits(max_series=10**7))
 
 
-def flush(series: int, per_series: int) -> None:
+def flush(series: int, per_series: int, pickled: bool) -> None:
     samples = window_samples(series, per_series)
     with tempfile.TemporaryDirectory() as folder:
         storage, aggregator = _writer_and_window(folder)
@@ -132,6 +134,8 @@ def flush(series: int, per_series: int) -> None:
             aggregator.open(start + n * INTERVAL)
             aggregator.add(samples)
             (closed,) = aggregator.swap(start + (n + 1) * INTERVAL)
+            if pickled:  # as the daemon unpickles a worker's window
+                closed = pickle.loads(pickle.dumps(closed, protocol=pickle.HIGHEST_PROTOCOL))
             with paused_gc():  # as the daemon's writer thread runs a flush
                 t0 = time.perf_counter()
                 rollups = snapshot(closed, PERCENTILES)
@@ -147,7 +151,8 @@ def flush(series: int, per_series: int) -> None:
                 later.append((t1 - t0, t2 - t1))
         storage.close()
     later.sort(key=sum)
-    print(f"flush of {series:,} series, {per_series} values each per {INTERVAL} s window:")
+    how = ", each window pickled as a worker's" if pickled else ""
+    print(f"flush of {series:,} series, {per_series} values each per {INTERVAL} s window{how}:")
     for label, (made, written) in (
         ("first window (creates the series)", first),
         (f"later windows, best of {len(later)}", later[0]),
@@ -220,6 +225,9 @@ def main() -> None:
     parser.add_argument("--series", type=int, default=100_000, help="flush, hour: series")
     parser.add_argument("--samples", type=int, default=3, help="flush: values per series")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--pickled", action="store_true", help="flush: windows through pickle, as workers hand them"
+    )
     args = parser.parse_args()
     quiet_gc()
     if native is None:
@@ -230,7 +238,7 @@ def main() -> None:
             for fast in (True, False) if native is not None else (False,):
                 intake(key, args.rounds, fast)
     if "flush" in sections:
-        flush(args.series, args.samples)
+        flush(args.series, args.samples, args.pickled)
     if "hour" in sections:
         hour(args.series)
 

@@ -77,3 +77,12 @@ def test_the_hot_path_timings_run() -> None:
     assert "intake (a)" in done.stdout
     assert "the window that completes a minute" in done.stdout
     assert "compaction of an hour of 2,000 series" in done.stdout
+    pickled = subprocess.run(
+        [sys.executable, "bench/micro.py", "--sections", "flush", "--series", "2000", "--pickled"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert pickled.returncode == 0, pickled.stderr[-3000:]
+    assert "each window pickled as a worker's" in pickled.stdout
+    assert "the window that completes a minute" in pickled.stdout
