@@ -663,7 +663,6 @@ def _set_rollups(closed: ClosedWindow, keys: Iterable[SeriesKey], append: Any) -
         append(_new_rollup(Rollup, (*key, start, n, n, n, n, n, state, ())))
 
 
-
 #: Rollup(...) goes through the NamedTuple's Python-level __new__; a flush
 #: builds one per series, so build the tuple directly (as protocol.py does
 #: for samples). Every field must then be given.
