@@ -364,34 +364,42 @@ add_weight(Target *t, Route *r, Py_ssize_t n, double weight)
     return rc;
 }
 
+/* Append a value to a series' packed values (aggregate.pack_value). */
+static int
+append_value(PyObject *values, double value)
+{
+    Py_ssize_t size = PyByteArray_GET_SIZE(values);
+    if (PyByteArray_Resize(values, size + (Py_ssize_t)sizeof value) < 0)
+        return -1;
+    memcpy(PyByteArray_AS_STRING(values) + size, &value, sizeof value);
+    return 0;
+}
+
 static Outcome
 add_distribution(Target *t, Route *r, double value)
 {
     PyObject *values = _PyDict_GetItem_KnownHash(t->timers, r->key, r->key_hash);
-    PyObject *f;
     if (values == NULL) {
         if (PyErr_Occurred())
             return -1;
         int ok = admitted(t, r, PyDict_GET_SIZE(t->persisted), 0);
         if (ok <= 0)
             return ok < 0 ? -1 : 1;
-        if (dict_set_new(t->timers, r, list_of(1, &value)) < 0)
+        values = PyByteArray_FromStringAndSize((const char *)&value, sizeof value);
+        if (dict_set_new(t->timers, r, values) < 0)
             return -1;
         if (r->rate != 1.0)
             return add_weight(t, r, 1, 1.0 / r->rate) < 0 ? -1 : 1;
         return 1;
     }
-    if (!PyList_CheckExact(values))
+    if (!PyByteArray_CheckExact(values))
         return 0;
-    f = PyFloat_FromDouble(value);
-    if (f == NULL)
+    if (append_value(values, value) < 0)
         return -1;
-    int rc = PyList_Append(values, f);
-    Py_DECREF(f);
-    if (rc < 0)
-        return -1;
-    if (r->rate != 1.0)
-        return add_weight(t, r, PyList_GET_SIZE(values), 1.0 / r->rate) < 0 ? -1 : 1;
+    if (r->rate != 1.0) {
+        Py_ssize_t n = PyByteArray_GET_SIZE(values) / (Py_ssize_t)sizeof value;
+        return add_weight(t, r, n, 1.0 / r->rate) < 0 ? -1 : 1;
+    }
     return 1;
 }
 

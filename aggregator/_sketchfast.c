@@ -14,7 +14,8 @@
  * ASCII members, whose byte order is Python's string order.
  *
  * window_rollups(...) makes aggregate.snapshot's rollups of one window,
- * unsorted: every counter and gauge, the unsampled timers and the sets of
+ * unsorted: every counter and gauge, the unsampled timers (their values
+ * packed, 8 bytes each: aggregate.pack_value) and the sets of
  * ASCII members within the exact limit, with the sketches and set states
  * above; it lists the keys of the other timers and sets for Python to make,
  * and returns None (Python makes them all) when a part of the window is not
@@ -368,9 +369,10 @@ pack_sketch(int64_t zero, double low, double high, const Buckets *positive,
 
 /* ------------------------------------------------------------ sketch_bytes */
 
-/* The sketch of `values` (a list), or None where Python must build it. */
+/* The sketch of n finite values in arrival order (the order of the buckets
+ * in the bytes), or None where Python must build it. */
 static PyObject *
-values_sketch(PyObject *values, double low, double high, double inv_log_gamma,
+values_sketch(const double *values, Py_ssize_t n, double low, double high, double inv_log_gamma,
               PyObject *max_buckets)
 {
     Buckets positive, negative;
@@ -378,15 +380,9 @@ values_sketch(PyObject *values, double low, double high, double inv_log_gamma,
         return NULL;
     PyObject *result = NULL;
     int64_t zero = 0;
-    Py_ssize_t n = PyList_GET_SIZE(values);
     Py_ssize_t i;
     for (i = 0; i < n; i++) {
-        PyObject *item = PyList_GET_ITEM(values, i);
-        if (!PyFloat_CheckExact(item))
-            break;
-        double value = PyFloat_AS_DOUBLE(item);
-        if (!isfinite(value))
-            break;
+        double value = values[i];
         int done = 1;
         if (value > 0.0)
             done = buckets_add(&positive, (int64_t)ceil(log(value) * inv_log_gamma), 1, i);
@@ -424,8 +420,23 @@ sketch_bytes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (!PyList_Check(args[0]) || !PyFloat_CheckExact(args[1]) || !PyFloat_CheckExact(args[2]))
         Py_RETURN_NONE;
-    return values_sketch(args[0], PyFloat_AS_DOUBLE(args[1]), PyFloat_AS_DOUBLE(args[2]),
-                         PyFloat_AS_DOUBLE(args[3]), args[4]);
+    Py_ssize_t n = PyList_GET_SIZE(args[0]);
+    double *values = PyMem_Malloc(sizeof(double) * (size_t)(n ? n : 1));
+    if (values == NULL)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(args[0], i);
+        if (!PyFloat_CheckExact(item) || !isfinite(PyFloat_AS_DOUBLE(item))) {
+            PyMem_Free(values);
+            Py_RETURN_NONE;
+        }
+        values[i] = PyFloat_AS_DOUBLE(item);
+    }
+    PyObject *sketch = values_sketch(values, n, PyFloat_AS_DOUBLE(args[1]),
+                                     PyFloat_AS_DOUBLE(args[2]), PyFloat_AS_DOUBLE(args[3]),
+                                     args[4]);
+    PyMem_Free(values);
+    return sketch;
 }
 
 /* ------------------------------------------------------------ merge_sketches */
@@ -913,33 +924,52 @@ rank_of(double p, Py_ssize_t n, double rank_epsilon)
     return (Py_ssize_t)at - 1;
 }
 
-/* An unsampled timer (aggregate._timer_rollup). 1: appended; 0: Python makes it. */
-static int
-timer_rollup(Window *w, PyObject *key, PyObject *values, PyObject *out)
+/* math.fsum of packed values, which raises as Python's would. */
+static PyObject *
+packed_fsum(Window *w, PyObject *packed)
 {
-    if (!PyList_CheckExact(values))
+    PyObject *bytes_view = PyMemoryView_FromObject(packed);
+    if (bytes_view == NULL)
+        return NULL;
+    PyObject *view = PyObject_CallMethod(bytes_view, "cast", "s", "d");
+    Py_DECREF(bytes_view);
+    if (view == NULL)
+        return NULL;
+    PyObject *sum = PyObject_CallOneArg(w->fsum, view);
+    Py_DECREF(view);
+    return sum;
+}
+
+/* An unsampled timer (aggregate._timer_rollup) of packed values (aggregate.pack_value).
+ * 1: appended; 0: Python makes it. */
+static int
+timer_rollup(Window *w, PyObject *key, PyObject *packed, PyObject *out)
+{
+    if (!PyByteArray_CheckExact(packed) || PyByteArray_GET_SIZE(packed) % sizeof(double))
         return 0;
-    Py_ssize_t n = PyList_GET_SIZE(values);
+    Py_ssize_t n = PyByteArray_GET_SIZE(packed) / (Py_ssize_t)sizeof(double);
     if (n == 0)
         return 0;
     if (reserve_values(w, n) < 0)
         return -1;
     double *v = w->sorted;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PyList_GET_ITEM(values, i);
-        if (!PyFloat_CheckExact(item) || !isfinite(PyFloat_AS_DOUBLE(item)))
+    memcpy(v, PyByteArray_AS_STRING(packed), sizeof(double) * (size_t)n);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!isfinite(v[i]))
             return 0;
-        v[i] = PyFloat_AS_DOUBLE(item);
-    }
+    double last = v[n - 1];
     stable_sort(v, w->spare, n);
-    PyObject *sketch = values_sketch(values, v[0], v[n - 1], w->inv_log_gamma, w->max_buckets);
+    /* the sketch's buckets go in arrival order: from a second copy, in the spare room */
+    memcpy(w->spare, PyByteArray_AS_STRING(packed), sizeof(double) * (size_t)n);
+    PyObject *sketch = values_sketch(w->spare, n, v[0], v[n - 1], w->inv_log_gamma,
+                                     w->max_buckets);
     if (sketch == NULL)
         return -1;
     if (sketch == Py_None) {
         Py_DECREF(sketch);
         return 0;
     }
-    PyObject *sum = PyObject_CallOneArg(w->fsum, values); /* raises as Python's would */
+    PyObject *sum = packed_fsum(w, packed);
     Py_ssize_t m = PyTuple_GET_SIZE(w->percentiles);
     PyObject *quantiles = sum == NULL ? NULL : PyTuple_New(m);
     for (Py_ssize_t i = 0; quantiles != NULL && i < m; i++) {
@@ -958,7 +988,7 @@ timer_rollup(Window *w, PyObject *key, PyObject *values, PyObject *out)
     }
     PyObject *r = new_rollup(w, key, PyFloat_FromDouble((double)n), sum, PyFloat_FromDouble(v[0]),
                              PyFloat_FromDouble(v[n - 1]),
-                             Py_NewRef(PyList_GET_ITEM(values, n - 1)), sketch, quantiles);
+                             PyFloat_FromDouble(last), sketch, quantiles);
     return append_new(out, r) < 0 ? -1 : 1;
 }
 
@@ -1539,6 +1569,7 @@ merge_window_timers(PyObject *timers, PyObject *weights, PyObject *part, PyObjec
         if (ours != NULL || theirs != NULL) {
             Py_XINCREF(ours);
             Py_ssize_t held = PyObject_Length(mine);
+            held = held < 0 ? -1 : held / (Py_ssize_t)sizeof(double); /* packed values */
             rc = held < 0 ? -1 : join_weights(weights, key, ours, theirs, held);
             Py_XDECREF(ours);
         }

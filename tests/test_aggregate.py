@@ -80,7 +80,8 @@ def dist(
     kind: str = "ms",
     percentiles: Sequence[float] = PERCENTILES,
 ) -> Rollup:
-    """A timer/histogram/distribution row; the state is the sketch of ``values``."""
+    """A timer/histogram/distribution row; the state is the sketch of ``values``,
+    which the window keeps as doubles (an int sample value becomes a float)."""
     return Rollup(
         name,
         kind,
@@ -91,7 +92,7 @@ def dist(
         low,
         high,
         last,
-        Sketch.from_values(values, weights).to_bytes(),
+        Sketch.from_values([float(v) for v in values], weights).to_bytes(),
         tuple(zip(percentiles, quantiles, strict=True)),
     )
 

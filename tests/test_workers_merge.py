@@ -20,6 +20,7 @@ from aggregator.aggregate import (
     WorkerAggregator,
     merge_worker_windows,
     snapshot,
+    timer_values,
 )
 from aggregator.fastpath import sketch_native
 from aggregator.limits import Budget, Drops, Limits
@@ -246,7 +247,7 @@ def test_each_limit_refuses_at_the_merge_what_the_workers_let_through() -> None:
          ("users", "s", ())] + [(f"fill{i}", "c", ()) for i in range(5)]
     )  # fmt: skip
     assert window.counters[("own", "c", ())] == [3.0, 2.0]
-    assert window.timers[("lat", "ms", ())] == [1.0, 2.0, 3.0]
+    assert timer_values(window.timers[("lat", "ms", ())]) == [1.0, 2.0, 3.0]
     assert window.sets[("users", "s", ())] == {"a", "b"}
     assert drops.window == {
         "metric_series_limit": 2, "name_too_long": 1, "too_many_tags": 1, "tag_too_long": 1,
