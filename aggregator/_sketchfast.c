@@ -924,15 +924,17 @@ rank_of(double p, Py_ssize_t n, double rank_epsilon)
     return (Py_ssize_t)at - 1;
 }
 
-/* math.fsum of packed values, which raises as Python's would. */
+/* math.fsum of n doubles, which raises as Python's would: through a
+ * memoryview of them, which lives only for the call. */
 static PyObject *
-packed_fsum(Window *w, PyObject *packed)
+doubles_fsum(Window *w, double *values, Py_ssize_t n)
 {
-    PyObject *bytes_view = PyMemoryView_FromObject(packed);
-    if (bytes_view == NULL)
-        return NULL;
-    PyObject *view = PyObject_CallMethod(bytes_view, "cast", "s", "d");
-    Py_DECREF(bytes_view);
+    Py_ssize_t itemsize = sizeof(double);
+    Py_buffer buffer = {
+        .buf = values, .len = n * itemsize, .readonly = 1, .itemsize = itemsize,
+        .format = "d", .ndim = 1, .shape = &n, .strides = &itemsize,
+    };
+    PyObject *view = PyMemoryView_FromBuffer(&buffer);
     if (view == NULL)
         return NULL;
     PyObject *sum = PyObject_CallOneArg(w->fsum, view);
@@ -969,7 +971,7 @@ timer_rollup(Window *w, PyObject *key, PyObject *packed, PyObject *out)
         Py_DECREF(sketch);
         return 0;
     }
-    PyObject *sum = packed_fsum(w, packed);
+    PyObject *sum = doubles_fsum(w, w->spare, n); /* in arrival order */
     Py_ssize_t m = PyTuple_GET_SIZE(w->percentiles);
     PyObject *quantiles = sum == NULL ? NULL : PyTuple_New(m);
     for (Py_ssize_t i = 0; quantiles != NULL && i < m; i++) {
