@@ -15,7 +15,7 @@ from itertools import accumulate
 
 import pytest
 
-from aggregator.aggregate import Aggregator, exact_quantiles, snapshot
+from aggregator.aggregate import Aggregator, exact_quantiles, snapshot, timer_values
 from aggregator.model import Rollup, Sample, SeriesKey, Tags
 from aggregator.sketch import SetState, Sketch
 
@@ -550,6 +550,20 @@ def test_open_sets_the_window_of_untimestamped_samples() -> None:
     agg.add([c("foo", 1), c("foo", 1, ts=2005)])
     (closed,) = agg.swap(2010)
     assert snapshot(closed, PERCENTILES) == [counter("foo", 2000, 2, 2)]
+
+
+def test_timer_values_are_kept_packed_in_arrival_order() -> None:
+    """8 bytes a value, the window's and a |T window's alike; weights stay a list."""
+    agg = Aggregator(INTERVAL, PERCENTILES)
+    agg.open(W0)
+    values = [3.5, -0.0, 1e300, 0.25]
+    agg.add([t("lat", v) for v in values] + [t("lat", 2.0, 0.5), t("old", 7.0, ts=PAST)])
+    opened, late = agg.swap(W0 + 10)
+    packed = opened.timers[("lat", "ms", ())]
+    assert type(packed) is bytearray and len(packed) == 8 * 5
+    assert repr(timer_values(packed)) == repr([*values, 2.0])  # -0.0 keeps its sign
+    assert opened.weights[("lat", "ms", ())] == [1.0, 1.0, 1.0, 1.0, 2.0]
+    assert timer_values(late.timers[("old", "ms", ())]) == [7.0]
 
 
 def test_interval_must_be_positive() -> None:
