@@ -452,10 +452,15 @@ def outcome(make: Callable[[], list[Rollup]]) -> str:
         return type(exc).__name__
 
 
-def test_window_rollups_leave_a_value_c_cannot_sketch_to_python() -> None:
+def test_window_rollups_leave_a_value_c_cannot_sketch_to_python(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """An infinite value (the parser lets none in) is Python's to refuse."""
     closed = window(timers={key("i", "ms"): [1.0, math.inf]})
     assert native_made(closed)[1] == [key("i", "ms")]
+    refused = outcome(lambda: python_snapshot(closed, monkeypatch))
+    assert refused == "OverflowError"
+    assert outcome(lambda: c_snapshot(closed)) == refused
 
 
 def test_window_rollups_raise_as_python_does(monkeypatch: pytest.MonkeyPatch) -> None:
