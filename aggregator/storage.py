@@ -1476,31 +1476,47 @@ class _Writer:
         the rollups' b-tree) and the inserts into the series' unique index
         are appends for names that sort after the ones stored.
         """
-        first_new_metric = self.next_metric_id
+        first_new_metric = next_metric = self.next_metric_id
+        next_series = self.next_series_id
         r0 = self.tiers[0].resolution
+        series, metrics, metric_by_id = self.series, self.metrics, self.metric_by_id
+        series_seen, metric_due = self.series_seen, self.metric_due
+        # _seen_phase, inlined: this loop runs once per new series
+        series_slots = SERIES_SEEN_EVERY // r0 if SERIES_SEEN_EVERY // r0 > 1 else 1
+        metric_slots = METRIC_SEEN_EVERY // r0 if METRIC_SEEN_EVERY // r0 > 1 else 1
+        metric_due_at = ts + METRIC_SEEN_EVERY
         new_metrics: list[_MetricInfo] = []
         totals_moved: list[_MetricInfo] = []
         series_rows: list[tuple[Any, ...]] = []
         tag_rows: list[tuple[int, str, str]] = []
-        for name, type_code, raw in sorted(keys):
+        for key in sorted(keys):
+            name, type_code, raw = key
             tags = canonical_tags(raw) if raw else raw
-            ids = self.series.get((name, type_code, tags))
-            if ids is None:
-                metric = self.metrics.get((name, type_code))
-                if metric is None:
-                    metric = self._new_metric(name, type_code, ts)
-                    new_metrics.append(metric)
-                series_id = self.next_series_id
-                self.next_series_id += 1
-                series_rows.append((series_id, metric.id, name, type_code, tags_json(tags), ts, ts))
-                if tags:
-                    tag_rows.extend((series_id, k, v) for k, v in tags)
-                if self._count_series(metric) and metric.id < first_new_metric:
-                    totals_moved.append(metric)
-                ids = (series_id, metric.id)
-                self.series_seen[series_id] = ts - _seen_phase(series_id, SERIES_SEEN_EVERY, r0)
-                self.series[(name, type_code, tags)] = ids
-            self.series[(name, type_code, raw)] = ids
+            ids = series.get((name, type_code, tags))
+            if ids is not None:  # a known series, its tags in another order
+                series[key] = ids
+                continue
+            metric = metrics.get((name, type_code))
+            if metric is None:  # its first series: no totals to start (_count_series)
+                metric = _MetricInfo(next_metric, name, type_code, 1, ts, ts, None)
+                metrics[(name, type_code)] = metric_by_id[next_metric] = metric
+                metric_due[next_metric] = metric_due_at - next_metric % metric_slots * r0
+                new_metrics.append(metric)
+                next_metric += 1
+            elif self._count_series(metric) and metric.id < first_new_metric:
+                totals_moved.append(metric)
+            series_id = next_series
+            next_series += 1
+            series_rows.append((series_id, metric.id, name, type_code, tags_json(tags), ts, ts))
+            if tags:
+                tag_rows.extend((series_id, k, v) for k, v in tags)
+                series[(name, type_code, tags)] = (series_id, metric.id)
+            series[key] = (series_id, metric.id)
+            series_seen[series_id] = ts - series_id % series_slots * r0
+        self.next_series_id = next_series
+        self.next_metric_id = next_metric
+        if new_metrics:
+            self.latest_first_seen = max(self.latest_first_seen, ts)
         conn = self.conn
         _executemany(
             conn,
@@ -1523,19 +1539,6 @@ class _Writer:
             "INSERT OR IGNORE INTO series_tags (series_id, key, value) VALUES (?, ?, ?)",
             tag_rows,
         )
-
-    def _new_metric(self, name: str, type_code: str, ts: int) -> _MetricInfo:
-        """A metric for the cache, stored by the caller."""
-        info = _MetricInfo(self.next_metric_id, name, type_code, 0, ts, ts, None)
-        r0 = self.tiers[0].resolution
-        self.metric_due[info.id] = (
-            ts + METRIC_SEEN_EVERY - _seen_phase(info.id, METRIC_SEEN_EVERY, r0)
-        )
-        self.latest_first_seen = max(self.latest_first_seen, ts)
-        self.next_metric_id += 1
-        self.metrics[(name, type_code)] = info
-        self.metric_by_id[info.id] = info
-        return info
 
     def _count_series(self, metric: _MetricInfo) -> bool:
         """A metric's second series starts its totals at the next coarsest bucket
