@@ -1019,7 +1019,7 @@ class _Pending:
     """
 
     __slots__ = (
-        "bucket", "count", "index", "last", "last_ts", "max", "mids", "min", "ordered",
+        "bucket", "count", "known", "last", "last_ts", "max", "mids", "min", "ordered",
         "sids", "states", "sum", "types", "valid",
     )  # fmt: skip
 
@@ -1027,8 +1027,9 @@ class _Pending:
         self.bucket = bucket
         self.last_ts = bucket - 1
         self.valid = valid
-        #: series id -> its position in the columns below
-        self.index: dict[int, int] = {}
+        #: the series ids of ``sids``, as a set: made only when a window brings
+        #: other series (at 100k series it would hold about 10 MB all minute)
+        self.known: set[int] | None = None
         self.sids: list[int] = []
         self.mids: list[int] = []
         self.types: list[str] = []
@@ -1050,6 +1051,8 @@ class _Pending:
             self.valid = False
             return
         self.last_ts = ts
+        if not self.sids and not self._start(window):
+            return
         if sketch_native is not None:  # the common case in C: the same series, in order
             folded = sketch_native.fold_rows(
                 window, self.sids, self.count, self.sum, self.min, self.max
@@ -1075,7 +1078,7 @@ class _Pending:
             if len(where) != n:  # a series twice: the upsert merged them
                 self.valid = False
                 return
-            if None in map(self.index.get, sids):
+            if not self._known().issuperset(sids):
                 self._grow(sids, window)
         try:
             if sids == self.sids:  # the same series as the columns, in order
@@ -1107,14 +1110,39 @@ class _Pending:
         except TypeError:  # count or sum None, or text: SQLite's sum() decides
             self.valid = False
 
+    def _known(self) -> set[int]:
+        if self.known is None:
+            self.known = set(self.sids)
+        return self.known
+
+    def _start(self, window: Sequence[tuple[Any, ...]]) -> bool:
+        """Columns for the first window of a bucket: its series, in its order,
+        with neutral values so far, so that it folds as any later window of
+        the same series does. False (and the bucket invalid) if a series
+        comes twice."""
+        sids = list(map(_SERIES_ID, window))
+        n = len(sids)
+        if len(set(sids)) != n:  # a series twice: the upsert merged them
+            self.valid = False
+            return False
+        self.sids = sids
+        self.mids = list(map(_METRIC_ID, window))
+        self.types = list(map(_TYPE, window))
+        self.count = [0.0] * n
+        self.sum = [0.0] * n
+        self.min = [math.inf] * n
+        self.max = [-math.inf] * n
+        self.last = [None] * n
+        return True
+
     def _grow(self, sids: list[int], window: Sequence[tuple[Any, ...]]) -> None:
         """Give the window's new series positions, with neutral values so far."""
-        index = self.index
-        rows = [row for sid, row in zip(sids, window, strict=True) if sid not in index]
+        known = self._known()
+        rows = [row for sid, row in zip(sids, window, strict=True) if sid not in known]
         grow = len(rows)
         first = len(self.sids)
         self.ordered = not first  # appended after the known series: out of key order
-        self.index.update(zip(map(_SERIES_ID, rows), range(first, first + grow), strict=True))
+        known.update(map(_SERIES_ID, rows))
         self.sids += map(_SERIES_ID, rows)
         self.mids += map(_METRIC_ID, rows)
         self.types += map(_TYPE, rows)
