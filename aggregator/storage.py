@@ -197,6 +197,11 @@ PENDING_MAX_WINDOWS = 12
 COMPACT_SLICE_SERIES = 10_000
 #: or series with about this many finer rows by SQL (see _Compaction)
 COMPACT_SLICE_ROWS = 40_000
+#: SQLite's page cache per connection, in KiB. Reads come through the memory
+#: map; the cache holds the pages a transaction changes and those read back
+#: from the WAL. 8 MiB writes a 100k-series flush and compacts an hour as
+#: fast as 64 MiB did, and the writer holds about 60 MB less (bench/README).
+PAGE_CACHE_KIB = 8192
 #: events returned at most by default
 EVENTS_LIMIT = 1000
 
@@ -380,7 +385,7 @@ def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, timeout=30.0)
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA temp_store = MEMORY")
-    conn.execute("PRAGMA cache_size = -65536")  # 64 MiB
+    conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
     conn.execute("PRAGMA mmap_size = 268435456")
     return conn
 
