@@ -198,10 +198,10 @@ COMPACT_SLICE_SERIES = 10_000
 #: or series with about this many finer rows by SQL (see _Compaction)
 COMPACT_SLICE_ROWS = 40_000
 #: SQLite's page cache per connection, in KiB. Reads come through the memory
-#: map; the cache holds the pages a transaction changes and those read back
-#: from the WAL. 8 MiB writes a 100k-series flush and compacts an hour as
-#: fast as 64 MiB did, and the writer holds about 60 MB less (bench/README).
-PAGE_CACHE_KIB = 8192
+#: map; the cache holds the pages a transaction changes (9.3 MiB for a flush
+#: of 100k series) and those read back from the WAL. 16 MiB writes a flush
+#: and compacts an hour as fast as 64 MiB did, and holds about 48 MiB less.
+PAGE_CACHE_KIB = 16384
 #: events returned at most by default
 EVENTS_LIMIT = 1000
 
