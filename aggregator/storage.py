@@ -1515,8 +1515,8 @@ class _Writer:
         series, metrics, metric_by_id = self.series, self.metrics, self.metric_by_id
         series_seen, metric_due = self.series_seen, self.metric_due
         # _seen_phase, inlined: this loop runs once per new series
-        series_slots = SERIES_SEEN_EVERY // r0 if SERIES_SEEN_EVERY // r0 > 1 else 1
-        metric_slots = METRIC_SEEN_EVERY // r0 if METRIC_SEEN_EVERY // r0 > 1 else 1
+        series_slots = max(SERIES_SEEN_EVERY // r0, 1)
+        metric_slots = max(METRIC_SEEN_EVERY // r0, 1)
         metric_due_at = ts + METRIC_SEEN_EVERY
         new_metrics: list[_MetricInfo] = []
         totals_moved: list[_MetricInfo] = []
@@ -1541,10 +1541,10 @@ class _Writer:
             series_id = next_series
             next_series += 1
             series_rows.append((series_id, metric.id, name, type_code, tags_json(tags), ts, ts))
+            ids = series[key] = (series_id, metric.id)
             if tags:
                 tag_rows.extend((series_id, k, v) for k, v in tags)
-                series[(name, type_code, tags)] = (series_id, metric.id)
-            series[key] = (series_id, metric.id)
+                series[(name, type_code, tags)] = ids
             series_seen[series_id] = ts - series_id % series_slots * r0
         self.next_series_id = next_series
         self.next_metric_id = next_metric
