@@ -941,6 +941,9 @@ def tricky_minutes(seed: int) -> list[list[Rollup]]:
             if minute == 3 and w == 4:  # the same series twice, tags in two orders
                 batch.append(counter("hits", ts, 1.0, (("host", "a"), ("z", "1"))))
                 batch.append(counter("hits", ts, 2.0, (("z", "1"), ("host", "a"))))
+            if minute == 10 and w == 0:  # ...and in the first window of a minute
+                batch.append(counter("hits", ts, 1.0, (("host", "b"), ("z", "1"))))
+                batch.append(counter("hits", ts, 2.0, (("z", "1"), ("host", "b"))))
             if minute == 5 and w == 1:  # NULLs
                 batch.append(Rollup("nulls", "g", (), ts, 1.0, 2.0, 2.0, 2.0, None))
             if minute == 6 and w == 5:  # a whole number, as an int
@@ -1023,8 +1026,8 @@ def test_minutes_compacted_in_memory_are_the_rows_sql_compacts(
             )
 
     assert dump(memory) == dump(sql)
-    # minutes 2, 3, 4 and 7 by SQL, the others from memory
-    assert folded == [True, True, False, False, False, True, True, False, True, True, True, True]
+    # minutes 2, 3, 4, 7 and 10 by SQL, the others from memory
+    assert folded == [True, True, False, False, False, True, True, False, True, True, False, True]
 
 
 def test_the_c_rows_are_the_python_rows(
