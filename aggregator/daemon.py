@@ -216,6 +216,10 @@ class Daemon:
         with paused_gc():
             self._write_flush(closed, events, checks, gauges, started, merge)
             closed.clear()  # the windows go before the collector is back
+        try:
+            self.storage.checkpoint()  # after the flush, off its clock
+        except sqlite3.Error as exc:  # the next write meets it again, and reports it
+            log.debug("storage: checkpoint after a flush failed: %s", exc)
 
     def _write_flush(
         self,

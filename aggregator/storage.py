@@ -550,6 +550,21 @@ class Storage:
             self._writer.conn.execute(f"PRAGMA busy_timeout = {max(1, int(busy_timeout * 1000))}")
         return self._writer
 
+    def checkpoint(self) -> None:
+        """Run the checkpoint the last write left due, if any; writer thread only.
+
+        SQLite would run it inside the commit of whichever write filled the
+        WAL past 1,000 pages, so on the flush's clock: after a write of 100k
+        series, copying its 2,400 pages (9 MiB) and syncing the file took
+        0.07 s, 0.15 s after a first window. The writer turns that off and
+        runs it here instead, after the flush is stored (the daemon calls
+        this once the flush is done). A write that finds it still due runs
+        it first: the WAL holds one write, unless readers hold checkpoints back.
+        """
+        writer = self._writer
+        if writer is not None and writer.checkpoint_due:
+            self.open_writer().checkpoint()
+
     def reset_writer(self) -> None:
         """Close the writer connection (after an I/O error, say); the next write,
         from any thread, opens a fresh one and reloads the caches from the file."""
@@ -1286,6 +1301,10 @@ class _Writer:
         self.conn = self.db.conn
         self.conn.execute("PRAGMA synchronous = NORMAL")
         self.conn.execute("PRAGMA journal_size_limit = 67108864")
+        # checkpoints run after a write (checkpoint), not inside its commit
+        self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+        #: a write committed pages to the WAL that no checkpoint has copied yet
+        self.checkpoint_due = False
         self.conn.create_function("merge_state", 3, _merge_state, deterministic=True)
         self.conn.create_function("set_cardinality", 1, _set_cardinality, deterministic=True)
         self.conn.create_aggregate("merge_states", 2, _MergeStates)  # type: ignore[arg-type]
@@ -1374,6 +1393,8 @@ class _Writer:
         if self.stale:
             self._load()
             self.stale = False
+        if self.checkpoint_due:  # the caller did not run it after the last write
+            self.checkpoint()
         try:
             with self.db.atomic():
                 late = self._write_rollups(rollups)
@@ -1392,6 +1413,14 @@ class _Writer:
         except BaseException:
             self.stale = True
             raise
+        self.checkpoint_due = True
+
+    def checkpoint(self) -> None:
+        """Copy the WAL's committed pages into the database file (PASSIVE: it
+        waits for no reader, and a page a reader still needs is left for the
+        next one)."""
+        self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        self.checkpoint_due = False
 
     def _write_rollups(self, rollups: Sequence[Rollup]) -> _Late:
         """Upsert the rows of one flush; return those that arrived late."""

@@ -142,6 +142,7 @@ def flush(series: int, per_series: int, pickled: bool) -> None:
                 t1 = time.perf_counter()
                 storage.write(rollups)
                 t2 = time.perf_counter()
+                storage.checkpoint()  # as the daemon does once a flush is stored
                 del closed, rollups
             if n == 0:
                 first = (t1 - t0, t2 - t1)
@@ -206,6 +207,7 @@ def hour(series: int) -> None:
             with conn:
                 writer._compact(2)
             slices.append(time.perf_counter() - t0)
+            writer.checkpoint()  # after each write, as the daemon's writer does
             if 2 not in writer.compacting:
                 break
         storage.close()

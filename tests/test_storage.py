@@ -8,6 +8,7 @@ must be the one the oracle gives.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -245,6 +246,39 @@ def test_writes_from_a_second_thread_are_refused(open_storage: Callable[..., Sto
     thread.start()
     thread.join()
     assert len(errors) == 1
+
+
+def rows_in_database_file(path: str, ts: int) -> int:
+    """Tier-0 rollups at ts in the database file alone, without its WAL: what
+    checkpoints have copied there."""
+    copy = Path(path).with_name("file-only.db")
+    copy.write_bytes(Path(path).read_bytes())
+    try:
+        with contextlib.closing(sqlite3.connect(copy)) as conn:
+            (count,) = conn.execute(
+                "SELECT count(*) FROM rollups WHERE resolution = 10 AND ts = ?", (ts,)
+            ).fetchone()
+    finally:
+        for leftover in copy.parent.glob("file-only.db*"):
+            leftover.unlink()
+    return int(count)
+
+
+def test_writes_leave_the_checkpoint_to_checkpoint_or_the_next_write(
+    open_storage: Callable[..., Storage],
+) -> None:
+    storage = open_storage()
+    storage.write([counter("c", T0, 1.0)])
+    assert rows_in_database_file(storage.path, T0) == 0  # not inside the commit
+    storage.checkpoint()
+    assert rows_in_database_file(storage.path, T0) == 1
+    storage.write([counter("c", T0 + 10, 1.0)])
+    storage.write([counter("c", T0 + 20, 1.0)])  # runs the checkpoint left due first
+    assert rows_in_database_file(storage.path, T0 + 10) == 1
+    assert rows_in_database_file(storage.path, T0 + 20) == 0
+    assert only(query(storage, "c", end=T0 + 30, step=10))["points"] == [
+        [T0, 1.0], [T0 + 10, 1.0], [T0 + 20, 1.0]
+    ]  # fmt: skip
 
 
 def test_reset_writer_lets_another_thread_take_over(open_storage: Callable[..., Storage]) -> None:

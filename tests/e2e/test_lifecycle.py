@@ -5,9 +5,11 @@ errors, and the ready line.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -142,6 +144,35 @@ def test_gauge_persists_across_restart(start_daemon: DaemonFactory) -> None:
 
     points = wait_for(later_windows, 10, "a later window of gauge g")
     assert {value for _, value in points} == {15}
+
+
+def test_each_flush_is_checkpointed_into_the_database_file(start_daemon: DaemonFactory) -> None:
+    """The checkpoint runs right after each flush, not inside the next one's
+    write nor when the WAL reaches 1,000 pages: a copy of the file alone,
+    without its WAL, has the window before another flush comes."""
+    daemon = start_daemon(config=config_text(flush_interval=5))
+    daemon.send_udp(b"ckpt.hits:5|c")
+    daemon.wait_value("ckpt.hits", 5)
+    flushes = daemon.health()["flushes"]
+    copy = daemon.workdir / "file-only.db"
+
+    def stored_in_file() -> int:
+        copy.write_bytes(daemon.db.read_bytes())
+        try:
+            with contextlib.closing(sqlite3.connect(copy)) as conn:
+                (hits,) = conn.execute(
+                    "SELECT sum(r.sum) FROM rollups r JOIN series s ON s.id = r.series_id "
+                    "WHERE s.name = 'ckpt.hits' AND r.resolution = 5"
+                ).fetchone()
+        except sqlite3.DatabaseError as exc:  # copied in the middle of a checkpoint
+            raise ValueError(exc) from exc
+        finally:
+            for leftover in daemon.workdir.glob("file-only.db*"):
+                leftover.unlink()
+        return int(hits or 0)
+
+    assert wait_for(stored_in_file, 4, "the flush's window in the database file") == 5
+    assert daemon.health()["flushes"] == flushes
 
 
 def test_sigint_stops_like_sigterm(start_daemon: DaemonFactory) -> None:
