@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -89,6 +90,32 @@ def prepare_environment(smoke: bool) -> dict[str, Any]:
     if "etsy" in notes:
         log(notes["etsy"])
     return notes
+
+
+def machine_speed(smoke: bool) -> dict[str, float]:
+    """How fast this VM runs right now, taken at a run's start and end.
+
+    Its speed moves from hour to hour by more than most changes here do
+    (the same flush took 0.62 s in one hour and 1.75 s in another), so
+    figures from different runs compare only next to these: the time of a
+    fixed pure-Python loop on the runner's core, and how many one-line
+    datagrams a second the generator sends on its core to a socket that
+    nobody reads (its ceiling on workloads (a) and (c)).
+    """
+    additions = 1_000_000 if smoke else 10_000_000
+    started = time.perf_counter()
+    total = 0
+    for i in range(additions):
+        total += i
+    loop = time.perf_counter() - started
+    corpus = workloads.build(workloads.WORKLOADS["a"], BUILD)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
+        sink.bind(("127.0.0.1", 0))
+        sent = send(corpus, sink.getsockname()[1], 0, 0.2 if smoke else 2.0)  # 0: flat out
+    return {
+        f"python_{additions // 1_000_000}M_additions_seconds": round(loop, 3),
+        "generator_datagrams_per_second": round(sent["sent"] / sent["elapsed"]),
+    }
 
 
 def wait_quiet(limit_seconds: float, threshold: float = 0.5) -> float:
@@ -538,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "nproc": os.cpu_count(),
         "cpu": procfs.cpu_model(),
         "load_average_at_start": load,
+        "speed_at_start": machine_speed(args.smoke),
         "python": sys.version.split()[0],
         "node": subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
         if shutil.which("node")
@@ -574,6 +602,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             results["profile"] = profiling.run(args, results)
     finally:
+        machine["speed_at_end"] = machine_speed(args.smoke)
+        log(f"machine speed at the end: {machine['speed_at_end']}")
         save()
         log(f"results: {out} ({results['seconds']:.0f} s)")
     return 1 if failed else 0

@@ -44,6 +44,10 @@ def test_the_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert "ours/Etsy" in done.stdout
     results = json.loads(out.read_text())
     assert results["args"]["smoke"] is True
+    for when in ("speed_at_start", "speed_at_end"):
+        speed = results["machine"][when]
+        assert speed["python_1M_additions_seconds"] > 0
+        assert speed["generator_datagrams_per_second"] > 0
     assert results["flush"], "no flush figures"
     assert [q["status"] for q in results["query"]] == [200] * len(results["query"])
 
