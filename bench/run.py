@@ -601,9 +601,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             import profiling
 
             results["profile"] = profiling.run(args, results)
-    finally:
+        # only after a whole run: a failing one must keep its figures, not probe on
         machine["speed_at_end"] = machine_speed(args.smoke)
         log(f"machine speed at the end: {machine['speed_at_end']}")
+    finally:
         save()
         log(f"results: {out} ({results['seconds']:.0f} s)")
     return 1 if failed else 0
