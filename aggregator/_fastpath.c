@@ -170,7 +170,7 @@ routes_learn(Routes *self, PyObject *const *args, Py_ssize_t nargs)
     Py_hash_t hash = route_hash(h, hl, t, tl);
     Route **slot = routes_find(self, hash, h, hl, t, tl);
     if (*slot != NULL)
-        Py_RETURN_NONE; /* known: a route never changes */
+        Py_RETURN_FALSE; /* known: a route never changes */
     if (self->used >= self->limit) {
         /* bounded like the parser's caches: a flood of shapes cannot grow it */
         routes_empty(self);
@@ -191,7 +191,7 @@ routes_learn(Routes *self, PyObject *const *args, Py_ssize_t nargs)
     r->kind = (int)kind;
     *slot = r;
     self->used++;
-    Py_RETURN_NONE;
+    Py_RETURN_TRUE;
 }
 
 static PyObject *
@@ -747,7 +747,8 @@ static PyMethodDef module_methods[] = {
 
 static PyMethodDef routes_methods[] = {
     {"learn", (PyCFunction)(void (*)(void))routes_learn, METH_FASTCALL,
-     "learn(head, tail, key, kind, rate): remember how lines of this shape read."},
+     "learn(head, tail, key, kind, rate): remember how lines of this shape read; "
+     "True if the shape was new."},
     {"feed", (PyCFunction)(void (*)(void))routes_feed, METH_FASTCALL,
      "feed(chunks, counters, timers, weights, gauges, sets, persisted, admit, gauge_deltas, "
      "worker, now, slow) -> lines handled here (each one sample)."},

@@ -170,6 +170,8 @@ class Aggregator:
         #: the limits as the last swap left them: the ingest workers' windows
         #: are merged under them (merge_worker_windows)
         self.spent = Budget(self.limits, self.drops)
+        #: swaps so far: which open window this is (``open`` only aligns its start)
+        self.swaps = 0
 
     def open(self, start: int) -> None:
         """Set the start of the open window (the flush loop calls it once at startup)."""
@@ -185,6 +187,11 @@ class Aggregator:
         """Distinct series the open window will emit (every persisted gauge included)."""
         w = self._open
         return len(w.counters) + len(w.timers) + len(w.sets) + len(self._gauges)
+
+    def holds(self, key: SeriesKey) -> bool:
+        """Is the series in the open window (no limit refused it)?"""
+        w = self._open
+        return key in w.counters or key in w.timers or key in w.gauges or key in w.sets
 
     def gauges(self) -> dict[SeriesKey, float]:
         """A copy of the persisted gauge values (to carry across a restart)."""
@@ -369,6 +376,7 @@ class Aggregator:
             closed.append(ClosedWindow._of(self._timestamped[start], None))
         self._open = _Window(next_start)
         self._timestamped = {}
+        self.swaps += 1
         self.spent = self._budget.copy()
         self._budget.reset()
         return closed

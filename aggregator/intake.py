@@ -21,7 +21,18 @@ from collections.abc import Callable, Iterator
 
 from .aggregate import Aggregator
 from .fastpath import native
-from .model import COUNTER, DISTRIBUTION, GAUGE, HISTOGRAM, SET, TIMER, Event, Parsed, ServiceCheck
+from .model import (
+    COUNTER,
+    DISTRIBUTION,
+    GAUGE,
+    HISTOGRAM,
+    SET,
+    TIMER,
+    Event,
+    Parsed,
+    SeriesKey,
+    ServiceCheck,
+)
 from .protocol import Parser
 from .selfstats import IngestStats
 
@@ -29,6 +40,9 @@ from .selfstats import IngestStats
 ROUTES = 1 << 17
 #: type code -> the fast path's kind
 _KINDS = {COUNTER: 0, TIMER: 1, HISTOGRAM: 1, DISTRIBUTION: 1, GAUGE: 2, SET: 3}
+
+#: seconds between two hand-overs of the series learned (take_learned)
+LEARNED_SECONDS = 1.0
 
 #: allocations between two runs of the cycle collector's first generation
 GC_THRESHOLD = 50_000
@@ -53,6 +67,10 @@ class Intake:
         self.checks: list[tuple[ServiceCheck, int]] = []
         #: the C fast path's line shapes; None: the pure path only
         self.routes = native.Routes(ROUTES) if fast and native is not None else None
+        #: series whose first line here taught the fast path a new shape and
+        #: entered the open window (take_learned), and which window that is
+        self.learned: list[SeriesKey] = []
+        self.learned_window = 0  # Aggregator.swaps
 
     def datagrams(self, datagrams: list[bytes]) -> None:
         """The datagrams of one socket read.
@@ -89,7 +107,23 @@ class Intake:
             route = self.parser.route(line.decode())
             if route is not None and self.routes is not None:
                 head, tail, key, rate = route
-                self.routes.learn(head.encode(), tail.encode(), key, _KINDS[key[1]], rate)
+                if self.routes.learn(head.encode(), tail.encode(), key, _KINDS[key[1]], rate):
+                    self._note_learned(key)
+
+    def _note_learned(self, key: SeriesKey) -> None:
+        """Keep a series new to this process, unless a limit kept it out of the window.
+
+        Only the open window's: the flush of a closed one registers its
+        series itself. At most ROUTES are kept between two takes.
+        """
+        aggregator = self.aggregator
+        if not aggregator.holds(key):
+            return
+        if self.learned_window != aggregator.swaps:
+            self.learned = []
+            self.learned_window = aggregator.swaps
+        if len(self.learned) < ROUTES:
+            self.learned.append(key)
 
     def _fold(self, parsed: Parsed) -> None:
         """Count what the parser made of a read and add its samples to the window."""
@@ -108,6 +142,14 @@ class Intake:
             stats.checks += len(parsed.checks)
             self.events.extend((event, arrival) for event in parsed.events)
             self.checks.extend((check, arrival) for check in parsed.checks)
+
+    def take_learned(self) -> list[SeriesKey]:
+        """The series learned in the open window since the last call (storage
+        registers them before the window's flush: Storage.register)."""
+        learned, self.learned = self.learned, []
+        if self.learned_window != self.aggregator.swaps:
+            return []  # learned in a window that is closed now
+        return learned
 
     def take_events(self) -> tuple[list[tuple[Event, int]], list[tuple[ServiceCheck, int]]]:
         """The events and service checks since the last call."""

@@ -20,7 +20,7 @@ from typing import Any
 
 from .model import Tags
 
-__all__ = ["DROP_REASONS", "Budget", "Drops", "Limits"]
+__all__ = ["DROP_REASONS", "Budget", "Drops", "Limits", "Registrations"]
 
 # Why a valid sample was dropped: a closed vocabulary, the `reason` tag of
 # the self metric statsd_aggregator.dropped_samples.
@@ -243,3 +243,32 @@ class Budget:
         for name in names:
             counts[name] = counts.get(name, 0) + 1
         self.gauges_per_metric = counts
+
+
+class Registrations:
+    """The series stored ahead of one window's flush (``Storage.register``).
+
+    Ingest workers admit series each under its own count, so together they
+    may let in more than one window holds; what is stored before the merge
+    stays within what the window may hold: ``max_series`` series, and
+    ``max_series_per_metric`` of one name. Nothing is dropped here: a
+    series refused is only left for its flush to create, if the merge
+    admits it.
+    """
+
+    __slots__ = ("count", "limits", "per_metric", "start")
+
+    def __init__(self, limits: Limits, start: int) -> None:
+        self.limits = limits
+        self.start = start
+        self.count = 0
+        self.per_metric: dict[str, int] = {}
+
+    def admit(self, key: tuple[str, str, Tags]) -> bool:
+        name = key[0]
+        in_metric = self.per_metric.get(name, 0)
+        if self.count >= self.limits.max_series or in_metric >= self.limits.max_series_per_metric:
+            return False
+        self.count += 1
+        self.per_metric[name] = in_metric + 1
+        return True

@@ -550,6 +550,28 @@ class Storage:
             self._writer.conn.execute(f"PRAGMA busy_timeout = {max(1, int(busy_timeout * 1000))}")
         return self._writer
 
+    def register(
+        self,
+        keys: Iterable[tuple[str, str, Tags]],
+        ts: int,
+        admit: Callable[[tuple[str, str, Tags]], bool],
+        busy_timeout: float | None = None,
+    ) -> int:
+        """Create the series of ``keys`` that are not stored yet, before the
+        flush of their window (which starts at ``ts``); writer thread only.
+
+        A first window of 100k series spent about half its flush creating
+        their rows (0.4-0.5 s of SQLite inserts, 0.25 s of Python); the
+        daemon calls this while the window is still open, with the series
+        its intakes have just met, and the flush finds them stored. It
+        changes nothing the flush would not: the rows are the ones the flush
+        would create, with ``ts`` as first and last seen. ``admit`` is asked
+        about each series not stored yet (the daemon bounds them by its
+        limits); a window already written is not registered into: its flush
+        created what it kept. The number of series created.
+        """
+        return self.open_writer(busy_timeout).register(keys, ts, admit)
+
     def checkpoint(self) -> None:
         """Run the checkpoint the last write left due, if any; writer thread only.
 
@@ -1414,6 +1436,35 @@ class _Writer:
             self.stale = True
             raise
         self.checkpoint_due = True
+
+    def register(
+        self,
+        keys: Iterable[tuple[str, str, Tags]],
+        ts: int,
+        admit: Callable[[tuple[str, str, Tags]], bool],
+    ) -> int:
+        if self.stale:
+            self._load()
+            self.stale = False
+        ts = _floor(ts, self.tiers[0].resolution)  # as the flush will write it
+        written = self.state[0].complete_until
+        if written is not None and ts < written:
+            return 0
+        known = self.series
+        new = [key for key in dict.fromkeys(keys) if key not in known and admit(key)]
+        if not new:
+            return 0
+        if self.checkpoint_due:
+            self.checkpoint()
+        first = self.next_series_id
+        try:
+            with self.db.atomic():
+                self._add_series(new, ts)
+        except BaseException:
+            self.stale = True
+            raise
+        self.checkpoint_due = True
+        return self.next_series_id - first
 
     def checkpoint(self) -> None:
         """Copy the WAL's committed pages into the database file (PASSIVE: it

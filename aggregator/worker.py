@@ -25,9 +25,11 @@ Daemon and worker talk over a socketpair in frames: an 8-byte length, then
 a pickle. Both ends are this program, and the pair is reachable by no one
 else. The daemon sends ``("init", settings)``, then ``("open", start)`` and
 ``("swap", next_start, limits, last)``; the worker answers ``("ready",
-pid)`` to the first and a :class:`Report` to every swap. A worker ignores
-SIGINT and SIGTERM (systemd signals the whole control group): it stops
-reading on the last swap, and exits when the daemon's end closes.
+pid)`` to the first and a :class:`Report` to every swap, and sends, every
+second, a :class:`Learned` with the series it met for the first time. A
+worker ignores SIGINT and SIGTERM (systemd signals the whole control
+group): it stops reading on the last swap, and exits when the daemon's end
+closes.
 """
 
 from __future__ import annotations
@@ -51,10 +53,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from .aggregate import ClosedWindow, WorkerAggregator
-from .intake import Intake, quiet_gc
+from .intake import LEARNED_SECONDS, Intake, quiet_gc
 from .limits import Drops, Limits
 from .listeners import DatagramReader, ListenerStats
-from .model import Event, ServiceCheck
+from .model import Event, SeriesKey, ServiceCheck
 from .protocol import Parser
 from .selfstats import IngestStats
 
@@ -97,6 +99,16 @@ class Report:
         """The slices, unpickled one at a time: each is merged while its objects
         are still in the CPU's caches (0.12 against 0.13-0.15 s at 100k series)."""
         return (pickle.loads(piece) for piece in self.windows)
+
+
+@dataclasses.dataclass(slots=True)
+class Learned:
+    """Series a worker met for the first time, in its window that starts at
+    ``start`` (Intake.take_learned): the daemon stores them before that
+    window's flush."""
+
+    start: int
+    keys: list[SeriesKey]
 
 
 def window_slices(windows: list[ClosedWindow], size: int) -> Iterator[ClosedWindow]:
@@ -168,6 +180,8 @@ class Workers:
         self._on_report = on_report
         #: called with a worker's pid and exit status (None: still running)
         self.on_exit: Callable[[int, int | None], None] = lambda pid, code: None
+        #: called with the start and the keys of each Learned a worker sends
+        self.on_learned: Callable[[int, list[SeriesKey]], None] = lambda start, keys: None
 
     @classmethod
     async def start(
@@ -220,6 +234,9 @@ class Workers:
         try:
             while True:
                 report = await _read_frame(channel.reader)
+                if isinstance(report, Learned):
+                    self.on_learned(report.start, report.keys)
+                    continue
                 self._on_report(report)
                 if channel.pending:
                     channel.pending.popleft().set_result(report)
@@ -348,6 +365,7 @@ async def _serve(control: socket.socket) -> None:
     worker = _Worker(settings)
     writer.write(_frame(("ready", os.getpid())))
     quiet_gc()
+    learning = asyncio.create_task(_send_learned(worker, writer))
     while True:
         try:
             message = await _read_frame(reader)
@@ -359,8 +377,20 @@ async def _serve(control: socket.socket) -> None:
             _, next_start, limits, last = message
             writer.write(_frame(await worker.swap(next_start, limits, last)))
             await writer.drain()
+    learning.cancel()
     worker.stop_reading()
     writer.close()
+
+
+async def _send_learned(worker: _Worker, writer: asyncio.StreamWriter) -> None:
+    """Every LEARNED_SECONDS, the series new to this worker, in slices (Learned)."""
+    while True:
+        await asyncio.sleep(LEARNED_SECONDS)
+        keys = worker.intake.take_learned()
+        start = worker.aggregator.start
+        for at in range(0, len(keys), SLICE_SERIES):
+            writer.write(_frame(Learned(start, keys[at : at + SLICE_SERIES])))
+            await asyncio.sleep(0)  # the event loop reads the sockets meanwhile
 
 
 def main(argv: list[str]) -> int:

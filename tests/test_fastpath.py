@@ -327,6 +327,50 @@ async def test_a_datagram_read_is_the_same_either_way(
     assert (stats.packets, stats.bytes, stats.too_large) == (600, sum(map(len, sent)), 1)
 
 
+# (what the reads hold, the reads, the series take_learned hands over after them)
+LEARNED_VECTORS = [
+    ("a new series, once", [b"api.req:1|c", b"api.req:2|c"], [("api.req", "c", ())]),
+    (
+        "every type",
+        [b"t:1|ms\nh:1|h\nd:1|d\ng:1|g\nu:a|s"],
+        [("t", "ms", ()), ("h", "h", ()), ("d", "d", ()), ("g", "g", ()), ("u", "s", ())],
+    ),
+    ("a tagged series", [b"db.q:2.5|ms|#env:prod"], [("db.q", "ms", (("env", "prod"),))]),
+    ("a second shape of one series, again", [b"a:1|c", b"a:1|c|@0.5"], [("a", "c", ())] * 2),
+    ("a line with a timestamp: no shape", [b"a:1|c|T1700000000"], []),
+    ("name dialect tags: no shape", [b"n,env=prod:1|c"], []),
+    ("several values: no shape", [b"a:1:2|ms"], []),
+    ("a name over the limit: not in the window", [b"x" * 300 + b":1|c"], []),
+    ("a bad value", [b"a:x|c"], []),
+]
+
+
+@pytest.mark.parametrize(
+    ("reads", "learned"), [v[1:] for v in LEARNED_VECTORS], ids=[v[0] for v in LEARNED_VECTORS]
+)
+def test_the_series_first_met_are_handed_over_once(reads: list[bytes], learned: list[Any]) -> None:
+    fast, _ = pair(worker=True)
+    for read in reads:
+        fast.datagrams([read])
+    assert fast.take_learned() == learned
+    fast.datagrams(reads)
+    assert fast.take_learned() == []
+
+
+def test_series_learned_in_a_window_now_closed_are_left_to_its_flush() -> None:
+    fast, _ = pair()
+    fast.datagrams([b"a:1|c"])
+    fast.aggregator.open(1_700_000_000)  # aligning the open window's start keeps it
+    assert fast.take_learned() == [("a", "c", ())]
+    fast.datagrams([b"z:1|c"])
+    fast.aggregator.swap(1_700_000_010)
+    assert fast.take_learned() == []
+    fast.datagrams([b"b:1|c"])
+    fast.aggregator.swap(1_700_000_020)
+    fast.datagrams([b"c:1|c", b"b:1|c"])
+    assert fast.take_learned() == [("c", "c", ())]
+
+
 @pytest.mark.parametrize("enabled_before", [True, False])
 def test_paused_gc_stops_the_collector_for_the_block_and_restores_its_state(
     enabled_before: bool,

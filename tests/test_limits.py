@@ -20,6 +20,7 @@ from aggregator.limits import (
     TOO_MANY_TAGS,
     Drops,
     Limits,
+    Registrations,
 )
 from aggregator.model import COUNTER, GAUGE, SET, TIMER, Sample
 from aggregator.sketch import MAX_BUCKETS, Sketch
@@ -197,3 +198,11 @@ def test_the_cap_keeps_the_top_quantiles_accurate() -> None:
         exact = values[math.ceil(q * len(values)) - 1]
         assert sketch.quantile(q) == pytest.approx(exact, rel=0.01)
     assert sketch.quantile(0.0) == min(noise)
+
+
+def test_registrations_stay_within_what_one_window_may_hold() -> None:
+    registrations = Registrations(Limits(max_series=4, max_series_per_metric=2), START)
+    keys = [("a", "c", (("k", str(i)),)) for i in range(3)] + [("b", "c", ()), ("c", "g", ())]
+    keys += [("d", "c", ())]
+    assert [registrations.admit(key) for key in keys] == [True, True, False, True, True, False]
+    assert registrations.count == 4

@@ -619,6 +619,63 @@ def test_tag_order_does_not_make_another_series(open_storage: Callable[..., Stor
     assert only(query(storage, "c", step=10))["points"] == [[T0, 3.0]]
 
 
+def stored_by_name(path: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every series, metric, tag and row, named rather than numbered: two files
+    that hand out ids in another order compare equal when they hold the same."""
+    queries = {
+        "metrics": "SELECT name, type, first_seen, last_seen, totals_from FROM metrics",
+        "series": "SELECT s.name, s.type, s.tags, s.first_seen, s.last_seen, m.name, m.type "
+        "FROM series s JOIN metrics m ON m.id = s.metric_id",
+        "tags": "SELECT s.name, s.tags, t.key, t.value FROM series_tags t "
+        "JOIN series s ON s.id = t.series_id",
+        "rollups": "SELECT r.resolution, r.ts, s.name, s.type, s.tags, r.count, r.sum, r.min, "
+        "r.max, r.last, r.state FROM rollups r JOIN series s ON s.id = r.series_id",
+        "totals": "SELECT t.resolution, t.ts, m.name, m.type, t.count, t.sum, t.min, t.max, "
+        "t.last, t.state FROM totals t JOIN metrics m ON m.id = t.metric_id",
+    }
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return {table: sorted(conn.execute(sql), key=repr) for table, sql in queries.items()}
+
+
+def test_series_stored_before_their_flush_are_the_ones_the_flush_would_store(
+    open_storage: Callable[..., Storage],
+) -> None:
+    window = [
+        counter("req", T0 + 10, 1.0, (("b", "2"), ("a", "1"))),
+        counter("req", T0 + 10, 2.0, (("a", "9"),)),
+        counter("other", T0 + 10, 3.0),
+        timer("lat", T0 + 10, [1.0, 2.0]),
+        gauge("depth", T0 + 10, 4.0),
+    ]
+    keys = [(r.name, r.type, r.tags) for r in window]
+    ahead, plain = open_storage("ahead.db"), open_storage("plain.db")
+    for storage in (ahead, plain):
+        storage.write([counter("req", T0, 1.0, (("a", "1"), ("b", "2")))])
+    # in two goes, one key twice, one known (its tags in another order)
+    assert ahead.register(keys[3:] + keys[1:2], T0 + 10, lambda key: True) == 3
+    assert ahead.register(keys[:3], T0 + 10, lambda key: True) == 1
+    assert len(stored_by_name(ahead.path)["series"]) == 5  # before the flush
+    for storage in (ahead, plain):
+        storage.write(window)
+        storage.write([counter("req", T0 + 20, 1.0, (("a", "9"),))])
+    assert stored_by_name(ahead.path) == stored_by_name(plain.path)
+
+
+def test_storing_series_early_skips_a_written_window_and_what_admit_refuses(
+    open_storage: Callable[..., Storage],
+) -> None:
+    storage = open_storage()
+    storage.write([counter("a", T0 + 10, 1.0)])
+    assert storage.register([("late", "c", ())], T0 + 10, lambda key: True) == 0
+    assert storage.register([("late", "c", ())], T0, lambda key: True) == 0
+    keys = [("b", "c", ()), ("refused", "c", ())]
+    assert storage.register(keys, T0 + 20, lambda key: key[0] != "refused") == 1
+    assert [m["name"] for m in storage.list_metrics()] == ["a", "b"]
+    storage.write([counter("b", T0 + 20, 1.0), counter("refused", T0 + 20, 2.0)])
+    assert only(query(storage, "refused", step=10))["points"] == [[T0 + 20, 2.0]]
+    assert only(query(storage, "b", step=10))["points"] == [[T0 + 20, 1.0]]
+
+
 # ----------------------------------------------------------------- errors
 
 

@@ -6,6 +6,7 @@ errors, and the ready line.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import socket
@@ -172,6 +173,48 @@ def test_each_flush_is_checkpointed_into_the_database_file(start_daemon: DaemonF
         return int(hits or 0)
 
     assert wait_for(stored_in_file, 4, "the flush's window in the database file") == 5
+
+
+@pytest.mark.skipif(native is None, reason="series are met first on the C fast path's routes")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_new_series_are_stored_while_their_window_is_open(
+    start_daemon: DaemonFactory, workers: int
+) -> None:
+    """The intakes hand the series they meet first to the writer every
+    second, and it stores them before the window's flush: the file holds
+    their series rows and none of their rows of values. The flush (here the
+    one at stop) then writes the values under them."""
+    if native is None and os.environ.get("CI"):
+        pytest.fail("the C fast path is not built")
+    start = wait_for_roomy_window(20)
+    config = config_text(
+        flush_interval=LONG_WINDOW, extra='[storage]\ndownsample = ["1h:30d"]\n', workers=workers
+    )
+    d = start_daemon(config=config)
+    d.send_udp(b"early.udp:1|c", b"early.lat:5|ms|#k:v", b"early.udp:1|c")
+    d.send_tcp(b"early.tcp:2|c\nearly.g:3|g\n")
+    names = {"early.udp", "early.lat", "early.tcp", "early.g"}
+
+    def stored() -> dict[str, int] | None:
+        with contextlib.closing(sqlite3.connect(d.db)) as conn:
+            found = dict(
+                conn.execute(
+                    "SELECT s.name, (SELECT count(*) FROM rollups r WHERE r.series_id = s.id) "
+                    "FROM series s WHERE s.name LIKE 'early.%'"
+                )
+            )
+        return found if set(found) == names else None
+
+    assert wait_for(stored, 10, "the new series in the database") == dict.fromkeys(names, 0)
+    stop_with(d, signal.SIGTERM)
+    d.start()
+    step = ("step", str(LONG_WINDOW))
+    assert d.query("early.udp", step)["series"][0]["points"] == [[start, 2]]
+    assert d.query("early.tcp", step)["series"][0]["points"] == [[start, 2]]
+    assert d.query("early.g", step)["series"][0]["value"] == 3
+    lat = d.query("early.lat", ("stat", "max"), ("tags", "k:v"), step)["series"][0]
+    assert lat["value"] == 5
+    assert stored() == dict.fromkeys(names, 1)
 
 
 def test_sigint_stops_like_sigterm(start_daemon: DaemonFactory) -> None:
