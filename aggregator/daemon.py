@@ -51,6 +51,8 @@ Clock = Callable[[], float]
 SHUTDOWN_STEP_SECONDS = 30.0
 #: longest HTTP request line (bytes); a longer one gets aiohttp's plain 400
 MAX_REQUEST_LINE = 65536
+#: series stored in one transaction before their flush (_register)
+REGISTER_BATCH = 16384
 #: how long storing new series before their flush waits for another
 #: process's write lock; past it, the flush stores them
 REGISTER_BUSY_SECONDS = 0.2
@@ -190,10 +192,23 @@ class Daemon:
 
     def _register(self) -> None:
         """Writer thread: store the series learned so far, within the limits
-        (Registrations); a failure leaves them to the flush, which stores them anyway."""
+        (Registrations); a failure leaves them to the flush, which stores them anyway.
+
+        At most REGISTER_BATCH at a time: the rest is queued again behind
+        it, after any flush that came meanwhile, which so waits for one
+        batch at most.
+        """
         with self._learned_lock:
-            start, keys = self._learned_start, self._learned_keys
-            self._learned_keys, self._register_queued = [], False
+            start, keys = self._learned_start, self._learned_keys[:REGISTER_BATCH]
+            del self._learned_keys[:REGISTER_BATCH]
+            self._register_queued = more = bool(self._learned_keys)
+        try:
+            self._store_learned(start, keys)
+        finally:
+            if more:
+                self._writer.submit(self._register)
+
+    def _store_learned(self, start: int, keys: list[SeriesKey]) -> None:
         if not keys or self.storage.setup_error is not None or self.durable.error is not None:
             return
         if self._registrations.start != start:

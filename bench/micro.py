@@ -13,7 +13,9 @@ cost, in a few seconds and with less noise:
   window that completes a minute (whose write starts compacting it, a
   slice a window), and the best, median and worst of the windows around
   it; with ``--pickled``, each window goes through pickle first, as an
-  ingest worker's does, so the flush meets its keys as fresh objects;
+  ingest worker's does, so the flush meets its keys as fresh objects; with
+  ``--registered``, the first window's series are stored while it is open
+  (``Storage.register``), as the daemon's writer does, timed on its own;
 - hour (only when asked for): the compaction of an hour bucket of N
   series, in one statement and in the writer's slices.
 
@@ -119,7 +121,7 @@ def _writer_and_window(folder: str) -> tuple[Storage, Aggregator]:
     return storage, Aggregator(INTERVAL, PERCENTILES, limits=Limits(max_series=10**7))
 
 
-def flush(series: int, per_series: int, pickled: bool) -> None:
+def flush(series: int, per_series: int, pickled: bool, registered: bool) -> None:
     samples = window_samples(series, per_series)
     with tempfile.TemporaryDirectory() as folder:
         storage, aggregator = _writer_and_window(folder)
@@ -129,10 +131,17 @@ def flush(series: int, per_series: int, pickled: bool) -> None:
         start = int(time.time()) // 60 * 60 - 180
         minute_at = 60 // INTERVAL - 1
         first = minute = (0.0, 0.0)
+        stored_early = 0.0
         later: list[tuple[float, float]] = []
         for n in range(minute_at + 1 + 60 // INTERVAL // 2):
             aggregator.open(start + n * INTERVAL)
             aggregator.add(samples)
+            if registered and n == 0:  # as the daemon's writer does while the window is open
+                keys = [(s.name, s.type, s.tags) for s in samples]
+                t0 = time.perf_counter()
+                storage.register(keys, start, lambda key: True)
+                stored_early = time.perf_counter() - t0
+                storage.checkpoint()
             (closed,) = aggregator.swap(start + (n + 1) * INTERVAL)
             if pickled:  # as the daemon unpickles a worker's window
                 closed = pickle.loads(pickle.dumps(closed, protocol=pickle.HIGHEST_PROTOCOL))
@@ -154,8 +163,10 @@ def flush(series: int, per_series: int, pickled: bool) -> None:
     later.sort(key=sum)
     how = ", each window pickled as a worker's" if pickled else ""
     print(f"flush of {series:,} series, {per_series} values each per {INTERVAL} s window{how}:")
+    if registered:
+        print(f"  its series stored while the first window was open: {stored_early:.3f} s")
     for label, (made, written) in (
-        ("first window (creates the series)", first),
+        ("first window" if registered else "first window (creates the series)", first),
         (f"later windows, best of {len(later)}", later[0]),
         ("later windows, median", later[len(later) // 2]),
         ("later windows, worst", later[-1]),
@@ -230,6 +241,11 @@ def main() -> None:
     parser.add_argument(
         "--pickled", action="store_true", help="flush: windows through pickle, as workers hand them"
     )
+    parser.add_argument(
+        "--registered",
+        action="store_true",
+        help="flush: the first window's series stored while it is open, as the daemon does",
+    )
     args = parser.parse_args()
     quiet_gc()
     if native is None:
@@ -240,7 +256,7 @@ def main() -> None:
             for fast in (True, False) if native is not None else (False,):
                 intake(key, args.rounds, fast)
     if "flush" in sections:
-        flush(args.series, args.samples, args.pickled)
+        flush(args.series, args.samples, args.pickled, args.registered)
     if "hour" in sections:
         hour(args.series)
 
