@@ -71,6 +71,10 @@ class Intake:
         #: entered the open window (take_learned), and which window that is
         self.learned: list[SeriesKey] = []
         self.learned_window = 0  # Aggregator.swaps
+        #: the shape table's size after the last shape learned, and the
+        #: window (Aggregator.swaps) from which series are kept again
+        self.routes_known = 0
+        self.learned_quiet_until = 0
 
     def datagrams(self, datagrams: list[bytes]) -> None:
         """The datagrams of one socket read.
@@ -108,16 +112,26 @@ class Intake:
             if route is not None and self.routes is not None:
                 head, tail, key, rate = route
                 if self.routes.learn(head.encode(), tail.encode(), key, _KINDS[key[1]], rate):
-                    self._note_learned(key)
+                    self._note_learned(key, len(self.routes))
 
-    def _note_learned(self, key: SeriesKey) -> None:
+    def _note_learned(self, key: SeriesKey, routes: int) -> None:
         """Keep a series new to this process, unless a limit kept it out of the window.
 
         Only the open window's: the flush of a closed one registers its
         series itself. At most ROUTES are kept between two takes.
+
+        A shape table that was just emptied (more shapes than it holds)
+        learns again shapes it knew, whose series are stored already: then
+        nothing is kept for the rest of this window and the next one, and
+        their flushes store what is new. So a deployment with more active
+        shapes than the table holds does not hand every series over again.
         """
         aggregator = self.aggregator
-        if not aggregator.holds(key):
+        emptied = routes <= self.routes_known
+        self.routes_known = routes
+        if emptied:
+            self.learned_quiet_until = aggregator.swaps + 2
+        if aggregator.swaps < self.learned_quiet_until or not aggregator.holds(key):
             return
         if self.learned_window != aggregator.swaps:
             self.learned = []

@@ -371,6 +371,25 @@ def test_series_learned_in_a_window_now_closed_are_left_to_its_flush() -> None:
     assert fast.take_learned() == [("c", "c", ())]
 
 
+def test_a_shape_table_that_overflows_hands_nothing_over_for_two_windows() -> None:
+    """Emptied, the table learns again shapes whose series are stored: those
+    are not handed over, nor anything else until the window after next."""
+    fast, _ = pair()
+    assert native is not None
+    fast.routes = native.Routes(4)
+    fast.datagrams([b"a:1|c\nb:1|c\nc:1|c\nd:1|c"])
+    assert fast.take_learned() == [("a", "c", ()), ("b", "c", ()), ("c", "c", ()), ("d", "c", ())]
+    fast.datagrams([b"e:1|c"])  # the fifth shape empties the table
+    fast.datagrams([b"a:1|c"])  # learned again
+    assert fast.take_learned() == []
+    fast.aggregator.swap(1_700_000_010)
+    fast.datagrams([b"g:1|c"])
+    assert fast.take_learned() == []
+    fast.aggregator.swap(1_700_000_020)
+    fast.datagrams([b"h:1|c"])
+    assert fast.take_learned() == [("h", "c", ())]
+
+
 @pytest.mark.parametrize("enabled_before", [True, False])
 def test_paused_gc_stops_the_collector_for_the_block_and_restores_its_state(
     enabled_before: bool,
