@@ -287,6 +287,7 @@ class Daemon:
         with paused_gc():
             self._write_flush(closed, events, checks, gauges, started, merge)
             closed.clear()  # the windows go before the collector is back
+        self._registrations = Registrations(self.limits, 0)  # its counts by name, gone
         self._checkpoint()
 
     def _write_flush(
