@@ -7,18 +7,20 @@ the HTTP API answers (SPEC section 5).
 
 Threads
 -------
-``write`` runs in ONE writer thread (the daemon's writer executor). Its
-connection is opened lazily in that thread on the first write (or by
-``open_writer``) and owns the in-memory id caches; ``reset_writer`` drops it
-after an I/O error, and the next write reopens it and reloads the caches.
-Every other thread that reads gets its own connection (``threading.local``);
-in WAL mode readers never wait for the writer, and each query runs in one
-read transaction, so it sees one consistent snapshot of data and
-watermarks. Opening a writer connection closes the readers (they reopen
-lazily): a reader opened while the file was read-only would otherwise keep
-every write of the process failing. Connections are opened with
-``check_same_thread=False`` only so that another thread can close them; a
-lock per reader connection keeps that from happening mid-query.
+``write`` (and ``register``, which stores a window's new series before its
+flush, and ``checkpoint``) runs in ONE writer thread (the daemon's writer
+executor). Its connection is opened lazily in that thread on the first
+write (or by ``open_writer``) and owns the in-memory id caches;
+``reset_writer`` drops it after an I/O error, and the next write reopens
+it and reloads the caches. Every other thread that reads gets its own
+connection (``threading.local``); in WAL mode readers never wait for the
+writer, and each query runs in one read transaction, so it sees one
+consistent snapshot of data and watermarks. Opening a writer connection
+closes the readers (they reopen lazily): a reader opened while the file
+was read-only would otherwise keep every write of the process failing.
+Connections are opened with ``check_same_thread=False`` only so that
+another thread can close them; a lock per reader connection keeps that
+from happening mid-query.
 
 Schema (``sqlite3 metrics.db .schema`` shows it)
 -------------------------------------------------
