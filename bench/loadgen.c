@@ -7,6 +7,14 @@
  * program only sends it, cycling from the first record, with sendmmsg(2) on
  * a connected socket.
  *
+ * Consecutive records of the same length (up to MAX_SEGMENTS of them) go
+ * out as one UDP GSO message (UDP_SEGMENT, Linux 4.18+): the kernel cuts
+ * it into the same datagrams the receiver would otherwise get one by one,
+ * but walks the send path once. On one-line workloads that path, not the
+ * receiver, was the limit: about 290k datagrams a second on a core here,
+ * against 1.5M+ with GSO. Where the kernel refuses UDP_SEGMENT, every
+ * record is its own message.
+ *
  *   loadgen CORPUS HOST PORT RATE DURATION [BATCH]
  *
  * RATE is datagrams per second (0 = as fast as possible), DURATION seconds.
@@ -23,6 +31,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,12 +44,24 @@
 
 #define MAX_BATCH 1024
 #define QUANTUM 0.0002
+/* datagrams in one GSO message: the kernel's limit (UDP_MAX_SEGMENTS) is
+ * 64 before Linux 6.x and 128 after; 64 works on both */
+#define MAX_SEGMENTS 64
+#define MAX_GSO_BYTES 65000
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
 
 static double now_seconds(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static uint32_t record_length(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
 static unsigned char *read_file(const char *path, size_t *size)
@@ -91,11 +112,10 @@ int main(int argc, char **argv)
     if (!data)
         return 1;
 
-    /* First pass: count records; second: point one iovec/mmsghdr at each. */
+    /* First pass: count records. */
     size_t count = 0;
     for (size_t off = 0; off + 4 <= size;) {
-        uint32_t len = (uint32_t)data[off] | (uint32_t)data[off + 1] << 8
-                       | (uint32_t)data[off + 2] << 16 | (uint32_t)data[off + 3] << 24;
+        uint32_t len = record_length(data + off);
         if (off + 4 + len > size) {
             fprintf(stderr, "corpus truncated at byte %zu\n", off);
             return 1;
@@ -106,22 +126,6 @@ int main(int argc, char **argv)
     if (count == 0) {
         fprintf(stderr, "corpus has no records\n");
         return 1;
-    }
-    struct iovec *iov = calloc(count, sizeof *iov);
-    struct mmsghdr *msgs = calloc(count, sizeof *msgs);
-    if (!iov || !msgs) {
-        fprintf(stderr, "out of memory\n");
-        return 1;
-    }
-    size_t off = 0;
-    for (size_t i = 0; i < count; i++) {
-        uint32_t len = (uint32_t)data[off] | (uint32_t)data[off + 1] << 8
-                       | (uint32_t)data[off + 2] << 16 | (uint32_t)data[off + 3] << 24;
-        iov[i].iov_base = data + off + 4;
-        iov[i].iov_len = len;
-        msgs[i].msg_hdr.msg_iov = &iov[i];
-        msgs[i].msg_hdr.msg_iovlen = 1;
-        off += 4 + len;
     }
 
     int fd = socket(AF_INET, SOCK_DGRAM, 0);
@@ -143,6 +147,62 @@ int main(int argc, char **argv)
         perror("connect");
         return 1;
     }
+    /* Setting a GSO size on the socket is how to ask whether the kernel
+     * has UDP_SEGMENT; each message then carries its own size. */
+    int probe = 1000;
+    int gso = setsockopt(fd, SOL_UDP, UDP_SEGMENT, &probe, sizeof probe) == 0;
+    probe = 0;
+    if (gso)
+        setsockopt(fd, SOL_UDP, UDP_SEGMENT, &probe, sizeof probe);
+
+    /* Second pass: the payloads side by side (one GSO message must be one
+     * contiguous run of equal segments), then one message per run of
+     * equal-length records. */
+    unsigned char *payload = malloc(size);
+    struct iovec *iov = calloc(count, sizeof *iov);
+    struct mmsghdr *msgs = calloc(count, sizeof *msgs);
+    uint32_t *segments = calloc(count, sizeof *segments);
+    char(*control)[CMSG_SPACE(sizeof(uint16_t))] = calloc(count, sizeof *control);
+    uint32_t *lengths = calloc(count, sizeof *lengths);
+    unsigned char **starts = calloc(count, sizeof *starts);
+    if (!payload || !iov || !msgs || !segments || !control || !lengths || !starts) {
+        fprintf(stderr, "out of memory\n");
+        return 1;
+    }
+    unsigned char *end = payload;
+    for (size_t i = 0, off = 0; i < count; i++) {
+        lengths[i] = record_length(data + off);
+        memcpy(end, data + off + 4, lengths[i]);
+        starts[i] = end;
+        end += lengths[i];
+        off += 4 + lengths[i];
+    }
+    size_t messages = 0;
+    for (size_t i = 0; i < count;) {
+        size_t run = 1;
+        while (gso && i + run < count && lengths[i + run] == lengths[i] && run < MAX_SEGMENTS
+               && (run + 1) * lengths[i] <= MAX_GSO_BYTES)
+            run++;
+        struct msghdr *hdr = &msgs[messages].msg_hdr;
+        iov[messages].iov_base = starts[i];
+        iov[messages].iov_len = lengths[i] * run;
+        hdr->msg_iov = &iov[messages];
+        hdr->msg_iovlen = 1;
+        if (run > 1) {
+            hdr->msg_control = control[messages];
+            hdr->msg_controllen = sizeof control[messages];
+            struct cmsghdr *cm = CMSG_FIRSTHDR(hdr);
+            cm->cmsg_level = SOL_UDP;
+            cm->cmsg_type = UDP_SEGMENT;
+            cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            uint16_t segment = (uint16_t)lengths[i];
+            memcpy(CMSG_DATA(cm), &segment, sizeof segment);
+        }
+        segments[messages++] = (uint32_t)run;
+        i += run;
+    }
+    free(lengths);
+    free(starts);
 
     /* Send in chunks of what falls due in QUANTUM seconds (at least one
      * datagram, at most a batch): one syscall per datagram at high rates
@@ -153,7 +213,7 @@ int main(int argc, char **argv)
     if (chunk > (double)batch)
         chunk = (double)batch;
     uint64_t sent = 0, errors = 0, calls = 0;
-    size_t next = 0; /* index of the next record to send */
+    size_t next = 0; /* index of the next message to send */
     double start = now_seconds();
     double elapsed = 0.0;
     for (;;) {
@@ -178,9 +238,14 @@ int main(int argc, char **argv)
             if (due < (double)want)
                 want = (uint64_t)due;
         }
-        if (want > count - next)
-            want = count - next;
-        int n = sendmmsg(fd, &msgs[next], (unsigned int)want, 0);
+        /* whole messages from `next`, at least one, at most `want` datagrams
+         * in all, and not past the corpus' end */
+        unsigned int take = 0;
+        uint64_t datagrams = 0;
+        while (next + take < messages && take < MAX_BATCH
+               && (take == 0 || datagrams + segments[next + take] <= want))
+            datagrams += segments[next + take++];
+        int n = sendmmsg(fd, &msgs[next], take, 0);
         calls++;
         if (n < 0) {
             /* ECONNREFUSED (nobody listening yet), ENOBUFS, EAGAIN: count,
@@ -193,9 +258,10 @@ int main(int argc, char **argv)
             }
             continue;
         }
-        sent += (uint64_t)n;
+        for (int k = 0; k < n; k++)
+            sent += segments[next + (size_t)k];
         next += (size_t)n;
-        if (next == count)
+        if (next == messages)
             next = 0;
     }
     printf("{\"sent\": %llu, \"elapsed\": %.6f, \"errors\": %llu, \"calls\": %llu, "
@@ -203,8 +269,11 @@ int main(int argc, char **argv)
            (unsigned long long)sent, elapsed, (unsigned long long)errors,
            (unsigned long long)calls, count);
     close(fd);
+    free(control);
+    free(segments);
     free(msgs);
     free(iov);
+    free(payload);
     free(data);
     return 0;
 }

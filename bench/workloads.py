@@ -11,6 +11,12 @@ The corpus is a run of passes; each pass is a fresh random permutation of all
 N series, one line each, so the line mix is the series mix (50% counters,
 25% timers, 15% gauges, 10% sets) and every series is active as soon as one
 pass has been sent.
+
+One-line workloads are sent with UDP GSO (bench/loadgen.c), which takes a
+run of equal-length datagrams in one send. So within each pass, every
+block of ``LENGTH_BLOCK`` datagrams is ordered by length (stably): the
+lines, their counts and their passes are the same, only their order
+within a block of a few milliseconds' worth changes.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ PACKED_BYTES = 1400
 
 #: a corpus holds at least this many lines (and at least one full pass)
 MIN_CORPUS_LINES = 200_000
+
+#: one-line workloads: datagrams ordered by length in blocks of this many
+LENGTH_BLOCK = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +136,15 @@ def _line(index: int, rng: random.Random, tags: str) -> tuple[str, int]:
     return f"{name}:u{rng.randint(0, 999)}|s{tags}", 0
 
 
+def _by_length_in_blocks(lines: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Each block of LENGTH_BLOCK lines, stably ordered by length: the runs
+    of equal-length datagrams that one GSO send takes."""
+    ordered: list[tuple[str, int]] = []
+    for first in range(0, len(lines), LENGTH_BLOCK):
+        ordered.extend(sorted(lines[first : first + LENGTH_BLOCK], key=lambda lv: len(lv[0])))
+    return ordered
+
+
 def build(workload: Workload, directory: Path, seed: int = 4) -> Corpus:
     """Write the workload's corpus under `directory` and describe it."""
     rng = random.Random(seed)
@@ -142,14 +160,15 @@ def build(workload: Workload, directory: Path, seed: int = 4) -> Corpus:
     order = list(range(n))
     for _ in range(passes):
         rng.shuffle(order)
-        for index in order:
-            text, value = _line(index, rng, tags[index % len(tags)])
-            line = text.encode()
-            if not workload.packed:
-                datagrams.append(line)
+        lines = [_line(index, rng, tags[index % len(tags)]) for index in order]
+        if not workload.packed:
+            for line, value in _by_length_in_blocks(lines):
+                datagrams.append(line.encode())
                 counter_values.append(value)
                 line_counts.append(1)
-                continue
+            continue
+        for text, value in lines:
+            line = text.encode()
             extra = len(line) + (1 if pending else 0)
             if pending and pending_bytes + extra > PACKED_BYTES:
                 datagrams.append(b"\n".join(pending))
