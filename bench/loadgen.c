@@ -7,8 +7,8 @@
  * program only sends it, cycling from the first record, with sendmmsg(2) on
  * a connected socket.
  *
- * Consecutive records of the same length (up to MAX_SEGMENTS of them) go
- * out as one UDP GSO message (UDP_SEGMENT, Linux 4.18+): the kernel cuts
+ * Consecutive records of the same length (as many as one paced chunk holds,
+ * at most MAX_SEGMENTS) go out as one UDP GSO message (UDP_SEGMENT, Linux 4.18+): the kernel cuts
  * it into the same datagrams the receiver would otherwise get one by one,
  * but walks the send path once. On one-line workloads that path, not the
  * receiver, was the limit: about 290k datagrams a second on a core here,
@@ -23,7 +23,8 @@
  * ahead. It stops after DURATION seconds whatever happens.
  *
  * On exit it prints one JSON object on stdout:
- *   {"sent": datagrams, "elapsed": seconds, "errors": n, "calls": n}
+ *   {"sent": datagrams, "elapsed": seconds, "errors": n, "calls": n,
+ *    "records": corpus records, "messages": sends a cycle of them takes}
  * `sent` counts datagrams the kernel accepted; the records sent are exactly
  * records 0..sent-1 of the corpus, modulo its length.
  */
@@ -155,6 +156,18 @@ int main(int argc, char **argv)
     if (gso)
         setsockopt(fd, SOL_UDP, UDP_SEGMENT, &probe, sizeof probe);
 
+    /* Send in chunks of what falls due in QUANTUM seconds (at least one
+     * datagram, at most a batch): one syscall per datagram at high rates
+     * would make the sender, not the receiver, the bottleneck. */
+    double chunk = rate * QUANTUM;
+    if (chunk < 1.0)
+        chunk = 1.0;
+    if (chunk > (double)batch)
+        chunk = (double)batch;
+    /* A GSO message holds at most a chunk: the datagrams reach the receiver
+     * in the same bursts as they would one by one. */
+    size_t max_run = (size_t)chunk < MAX_SEGMENTS ? (size_t)chunk : MAX_SEGMENTS;
+
     /* Second pass: the payloads side by side (one GSO message must be one
      * contiguous run of equal segments), then one message per run of
      * equal-length records. */
@@ -180,7 +193,7 @@ int main(int argc, char **argv)
     size_t messages = 0;
     for (size_t i = 0; i < count;) {
         size_t run = 1;
-        while (gso && i + run < count && lengths[i + run] == lengths[i] && run < MAX_SEGMENTS
+        while (gso && i + run < count && lengths[i + run] == lengths[i] && run < max_run
                && (run + 1) * lengths[i] <= MAX_GSO_BYTES)
             run++;
         struct msghdr *hdr = &msgs[messages].msg_hdr;
@@ -204,14 +217,6 @@ int main(int argc, char **argv)
     free(lengths);
     free(starts);
 
-    /* Send in chunks of what falls due in QUANTUM seconds (at least one
-     * datagram, at most a batch): one syscall per datagram at high rates
-     * would make the sender, not the receiver, the bottleneck. */
-    double chunk = rate * QUANTUM;
-    if (chunk < 1.0)
-        chunk = 1.0;
-    if (chunk > (double)batch)
-        chunk = (double)batch;
     uint64_t sent = 0, errors = 0, calls = 0;
     size_t next = 0; /* index of the next message to send */
     double start = now_seconds();
@@ -265,9 +270,9 @@ int main(int argc, char **argv)
             next = 0;
     }
     printf("{\"sent\": %llu, \"elapsed\": %.6f, \"errors\": %llu, \"calls\": %llu, "
-           "\"records\": %zu}\n",
+           "\"records\": %zu, \"messages\": %zu}\n",
            (unsigned long long)sent, elapsed, (unsigned long long)errors,
-           (unsigned long long)calls, count);
+           (unsigned long long)calls, count, messages);
     close(fd);
     free(control);
     free(segments);
