@@ -159,7 +159,7 @@ int main(int argc, char **argv)
     /* Send in chunks of what falls due in QUANTUM seconds (at least one
      * datagram, at most a batch): one syscall per datagram at high rates
      * would make the sender, not the receiver, the bottleneck. */
-    double chunk = rate * QUANTUM;
+    double chunk = rate > 0 ? rate * QUANTUM : (double)batch; /* 0: flat out, in batches */
     if (chunk < 1.0)
         chunk = 1.0;
     if (chunk > (double)batch)

@@ -119,3 +119,19 @@ def test_one_line_corpora_hold_each_series_once_a_pass_ordered_by_length_in_bloc
         int(line.split(b":")[1].split(b"|")[0]) for line in datagrams if line.endswith(b"|c")
     )
     assert corpus.counters_sent(len(datagrams)) == counters
+
+
+def test_flat_out_the_generator_sends_runs_of_up_to_64_datagrams_a_message(
+    loadgen: Path, tmp_path: Path
+) -> None:
+    corpus = tmp_path / "corpus.bin"
+    write_corpus(corpus, RECORDS)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
+        sink.bind(("127.0.0.1", 0))
+        args = [str(loadgen), str(corpus), "127.0.0.1", str(sink.getsockname()[1]), "0"]
+        run = subprocess.run([*args, "0.01"], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    # the 3, two lone ones, the 70 (64 and 6), two lone ones
+    assert report["messages"] == 1 + 2 + 2 + 2
+    assert report["sent"] > 0
