@@ -34,7 +34,6 @@ import argparse
 import os
 import pickle
 import random
-import struct
 import sys
 import tempfile
 import time
@@ -60,20 +59,9 @@ INTERVAL = 5
 BATCH = 64
 
 
-def read_corpus(path: Path) -> list[bytes]:
-    data = path.read_bytes()
-    datagrams = []
-    at = 0
-    while at < len(data):
-        (size,) = struct.unpack_from("<I", data, at)
-        datagrams.append(data[at + 4 : at + 4 + size])
-        at += 4 + size
-    return datagrams
-
-
 def intake(key: str, rounds: int, fast: bool) -> None:
     corpus = workloads.build(workloads.WORKLOADS[key], HERE / "build")
-    datagrams = read_corpus(corpus.path)
+    datagrams = workloads.read_corpus(corpus.path)
     batches = [datagrams[i : i + BATCH] for i in range(0, len(datagrams), BATCH)]
     aggregator = Aggregator(INTERVAL, PERCENTILES, limits=Limits(max_series=10**7))
     feed = Intake(Parser(), aggregator, time.time, fast=fast)

@@ -136,6 +136,18 @@ def _line(index: int, rng: random.Random, tags: str) -> tuple[str, int]:
     return f"{name}:u{rng.randint(0, 999)}|s{tags}", 0
 
 
+def read_corpus(path: Path) -> list[bytes]:
+    """The datagrams of a corpus file, in order."""
+    data = path.read_bytes()
+    datagrams = []
+    at = 0
+    while at < len(data):
+        (size,) = struct.unpack_from("<I", data, at)
+        datagrams.append(data[at + 4 : at + 4 + size])
+        at += 4 + size
+    return datagrams
+
+
 def _by_length_in_blocks(lines: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """Each block of LENGTH_BLOCK lines, stably ordered by length: the runs
     of equal-length datagrams that one GSO send takes."""

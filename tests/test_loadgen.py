@@ -100,13 +100,7 @@ def test_one_line_corpora_hold_each_series_once_a_pass_ordered_by_length_in_bloc
 ) -> None:
     workload = workloads.Workload("t", "test", 3_000, False, 0)
     corpus = workloads.build(workload, tmp_path)
-    data = corpus.path.read_bytes()
-    datagrams = []
-    offset = 0
-    while offset < len(data):
-        (length,) = struct.unpack_from("<I", data, offset)
-        datagrams.append(data[offset + 4 : offset + 4 + length])
-        offset += 4 + length
+    datagrams = workloads.read_corpus(corpus.path)
     assert len(datagrams) == corpus.datagrams == corpus.lines
     passes = [datagrams[i : i + workload.series] for i in range(0, len(datagrams), 3_000)]
     for one_pass in passes:
