@@ -8,9 +8,9 @@
  * a connected socket.
  *
  * Consecutive records of the same length (as many as one paced chunk holds,
- * at most MAX_SEGMENTS) go out as one UDP GSO message (UDP_SEGMENT, Linux 4.18+): the kernel cuts
- * it into the same datagrams the receiver would otherwise get one by one,
- * but walks the send path once. On one-line workloads that path, not the
+ * at most MAX_SEGMENTS) go out as one UDP GSO message (UDP_SEGMENT, Linux
+ * 4.18+): the kernel cuts it into the same datagrams the receiver would
+ * otherwise get one by one, but walks the send path once. On one-line workloads that path, not the
  * receiver, was the limit: about 290k datagrams a second on a core here,
  * against 1.5M+ with GSO. Where the kernel refuses UDP_SEGMENT, every
  * record is its own message.
@@ -46,7 +46,7 @@
 #define MAX_BATCH 1024
 #define QUANTUM 0.0002
 /* datagrams in one GSO message: the kernel's limit (UDP_MAX_SEGMENTS) is
- * 64 before Linux 6.x and 128 after; 64 works on both */
+ * 64 on older kernels and 128 on newer ones; 64 works on both */
 #define MAX_SEGMENTS 64
 #define MAX_GSO_BYTES 65000
 #ifndef UDP_SEGMENT
