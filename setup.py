@@ -15,6 +15,7 @@ setup(
         Extension(
             "aggregator._fastpath",
             ["aggregator/_fastpath.c"],
+            depends=["aggregator/_admission.h"],
             # the same float operations as the Python path, never fused
             extra_compile_args=["-O2", "-ffp-contract=off"],
             optional=True,
@@ -22,6 +23,7 @@ setup(
         Extension(
             "aggregator._sketchfast",
             ["aggregator/_sketchfast.c"],
+            depends=["aggregator/_admission.h"],
             extra_compile_args=["-O2", "-ffp-contract=off"],
             optional=True,
         ),

@@ -28,6 +28,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include "_admission.h"
 
 enum { KIND_COUNTER = 0, KIND_DISTRIBUTION = 1, KIND_GAUGE = 2, KIND_SET = 3 };
 
@@ -205,37 +206,43 @@ routes_clear(Routes *self, PyObject *Py_UNUSED(ignored))
 
 typedef struct {
     PyObject *counters, *timers, *weights, *gauges, *sets, *persisted;
-    PyObject *admit;     /* Budget.admit, or None */
+    PyObject *budget;    /* limits.Budget, or None */
     PyObject *slow;      /* slow(line: bytes) -> None */
     int gauge_deltas;
     int worker;          /* gauges as WorkerAggregator keeps them */
     PyObject *now;       /* float: WorkerAggregator.now */
+    int admitting;       /* admission is open on the budget */
+    Admission admission;
 } Target;
 
 /* 1: handled here; 0: hand the line to the slow path; -1: a Python error. */
 typedef int Outcome;
 
-/* Budget.admit(name, tags, persisted[, True]) for a series new to the window. */
+/* Budget.admit(name, tags, persisted[, True]) for a series new to the window,
+ * in C (_admission.h); the budget's count is read at the first such series
+ * of a feed, and written back before the slow path runs and at the end. */
 static int
 admitted(Target *t, Route *r, Py_ssize_t persisted, int gauge)
 {
-    if (t->admit == Py_None)
+    if (t->budget == Py_None)
         return 1;
-    PyObject *count = PyLong_FromSsize_t(persisted);
-    if (count == NULL)
-        return -1;
-    PyObject *result;
-    PyObject *name = PyTuple_GET_ITEM(r->key, 0), *tags = PyTuple_GET_ITEM(r->key, 2);
-    if (gauge)
-        result = PyObject_CallFunctionObjArgs(t->admit, name, tags, count, Py_True, NULL);
-    else
-        result = PyObject_CallFunctionObjArgs(t->admit, name, tags, count, NULL);
-    Py_DECREF(count);
-    if (result == NULL)
-        return -1;
-    int ok = PyObject_IsTrue(result);
-    Py_DECREF(result);
-    return ok;
+    if (!t->admitting) {
+        t->admitting = 1; /* feed_failed closes it if the open fails */
+        if (admission_open(&t->admission, t->budget, persisted) < 0)
+            return -1;
+    }
+    t->admission.persisted = persisted;
+    return admit_series(&t->admission, r->key, gauge);
+}
+
+/* Ends an open admission: the count goes back to the budget. */
+static int
+admission_done(Target *t)
+{
+    if (!t->admitting)
+        return 0;
+    t->admitting = 0;
+    return admission_close(&t->admission);
 }
 
 /* Replace list[i] with a new float; the list owns the new reference. */
@@ -596,6 +603,8 @@ fast_line(Routes *self, Target *t, const char *line, Py_ssize_t len)
 static int
 slow_line(Target *t, const char *line, Py_ssize_t len)
 {
+    if (admission_done(t) < 0) /* the slow path admits on the same budget */
+        return -1;
     PyObject *bytes = PyBytes_FromStringAndSize(line, len);
     if (bytes == NULL)
         return -1;
@@ -607,18 +616,30 @@ slow_line(Target *t, const char *line, Py_ssize_t len)
     return 0;
 }
 
+/* Closes the admission after an error, keeping that error. */
+static PyObject *
+feed_failed(Target *t)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    if (admission_done(t) < 0)
+        PyErr_Clear();
+    PyErr_Restore(type, value, traceback);
+    return NULL;
+}
+
 static PyObject *
 routes_feed(Routes *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 12) {
         PyErr_SetString(PyExc_TypeError,
                         "feed(chunks, counters, timers, weights, gauges, sets, persisted, "
-                        "admit, gauge_deltas, worker, now, slow)");
+                        "budget, gauge_deltas, worker, now, slow)");
         return NULL;
     }
     PyObject *chunks = args[0];
     Target t = {args[1], args[2], args[3], args[4], args[5], args[6], args[7], args[11],
-                PyObject_IsTrue(args[8]), PyObject_IsTrue(args[9]), args[10]};
+                PyObject_IsTrue(args[8]), PyObject_IsTrue(args[9]), args[10], 0, {0}};
     if (!PyList_Check(chunks)) {
         PyErr_SetString(PyExc_TypeError, "chunks must be a list of bytes");
         return NULL;
@@ -638,7 +659,7 @@ routes_feed(Routes *self, PyObject *const *args, Py_ssize_t nargs)
         PyObject *chunk = PyList_GET_ITEM(chunks, c);
         if (!PyBytes_Check(chunk)) {
             PyErr_SetString(PyExc_TypeError, "chunks must be a list of bytes");
-            return NULL;
+            return feed_failed(&t);
         }
         Py_INCREF(chunk); /* a slow call may drop the list's reference */
         const char *at = PyBytes_AS_STRING(chunk);
@@ -655,13 +676,15 @@ routes_feed(Routes *self, PyObject *const *args, Py_ssize_t nargs)
                     lines++;
                 if (done < 0) {
                     Py_DECREF(chunk);
-                    return NULL;
+                    return feed_failed(&t);
                 }
             }
             at = end + 1;
         }
         Py_DECREF(chunk);
     }
+    if (admission_done(&t) < 0)
+        return NULL;
     return PyLong_FromSsize_t(lines);
 }
 
@@ -750,7 +773,7 @@ static PyMethodDef routes_methods[] = {
      "learn(head, tail, key, kind, rate): remember how lines of this shape read; "
      "True if the shape was new."},
     {"feed", (PyCFunction)(void (*)(void))routes_feed, METH_FASTCALL,
-     "feed(chunks, counters, timers, weights, gauges, sets, persisted, admit, gauge_deltas, "
+     "feed(chunks, counters, timers, weights, gauges, sets, persisted, budget, gauge_deltas, "
      "worker, now, slow) -> lines handled here (each one sample)."},
     {"clear", (PyCFunction)routes_clear, METH_NOARGS, "Forget every route."},
     {NULL, NULL, 0, NULL},

@@ -45,6 +45,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include "_admission.h"
 
 /* weights and their sums stay below this: a float holds them exactly */
 #define EXACT_INT (INT64_C(1) << 53)
@@ -1320,162 +1321,6 @@ finally:
 
 /* ------------------------------------------------------------ workers' windows */
 
-/* limits.Budget.admit for the series new to a flush, read once per merge:
- * a series that passes every check is counted here, as admit counts it;
- * one that fails a check goes to admit itself, which decides and records
- * the drop with its reason. */
-typedef struct {
-    PyObject *budget;  /* borrowed; Py_None: every series enters */
-    PyObject *per_metric, *gauges_per_metric;
-    long long created, persisted, max_series, max_per_metric, max_name, max_tags, max_tag;
-} Admission;
-
-static long long
-long_attr(PyObject *obj, const char *name)
-{
-    PyObject *value = PyObject_GetAttrString(obj, name);
-    if (value == NULL)
-        return -1;
-    long long out = PyLong_AsLongLong(value);
-    Py_DECREF(value);
-    return out;
-}
-
-static int
-admission_open(Admission *a, PyObject *budget, long long persisted)
-{
-    memset(a, 0, sizeof(*a));
-    a->budget = budget;
-    a->persisted = persisted;
-    if (budget == Py_None)
-        return 0;
-    PyObject *limits = PyObject_GetAttrString(budget, "limits");
-    if (limits == NULL)
-        return -1;
-    a->max_series = long_attr(limits, "max_series");
-    a->max_per_metric = long_attr(limits, "max_series_per_metric");
-    a->max_name = long_attr(limits, "max_name_length");
-    a->max_tags = long_attr(limits, "max_tags");
-    a->max_tag = long_attr(limits, "max_tag_length");
-    Py_DECREF(limits);
-    a->created = long_attr(budget, "created");
-    if (PyErr_Occurred())
-        return -1;
-    a->per_metric = PyObject_GetAttrString(budget, "per_metric");
-    a->gauges_per_metric = PyObject_GetAttrString(budget, "gauges_per_metric");
-    if (a->per_metric == NULL || a->gauges_per_metric == NULL)
-        return -1;
-    if (!PyDict_CheckExact(a->per_metric) || !PyDict_CheckExact(a->gauges_per_metric)) {
-        PyErr_SetString(PyExc_TypeError, "merge_series: the budget's counts are not dicts");
-        return -1;
-    }
-    return 0;
-}
-
-/* Writes the count back; call once, after the merge (or on its error). */
-static int
-admission_close(Admission *a)
-{
-    int rc = 0;
-    if (a->budget != Py_None && a->per_metric != NULL) {
-        PyObject *created = PyLong_FromLongLong(a->created);
-        rc = (created == NULL || PyObject_SetAttrString(a->budget, "created", created) < 0)
-                 ? -1 : 0;
-        Py_XDECREF(created);
-    }
-    Py_CLEAR(a->per_metric);
-    Py_CLEAR(a->gauges_per_metric);
-    return rc;
-}
-
-static long long
-count_of(PyObject *counts, PyObject *name)
-{
-    PyObject *n = PyDict_GetItemWithError(counts, name);
-    if (n == NULL)
-        return PyErr_Occurred() ? -1 : 0;
-    return PyLong_AsLongLong(n);
-}
-
-/* Does every check of Budget.admit pass?  1 yes, 0 no, -1 error; *in_metric
- * is the name's count so far. */
-static int
-admission_passes(Admission *a, PyObject *key, long long *in_metric)
-{
-    if (!PyTuple_CheckExact(key) || PyTuple_GET_SIZE(key) != 3)
-        return 0;
-    PyObject *name = PyTuple_GET_ITEM(key, 0), *tags = PyTuple_GET_ITEM(key, 2);
-    if (!PyUnicode_CheckExact(name) || !PyTuple_CheckExact(tags))
-        return 0;
-    if (a->created + a->persisted >= a->max_series)
-        return 0;
-    long long mine = count_of(a->per_metric, name);
-    if (mine == -1 && PyErr_Occurred())
-        return -1;
-    long long gauges = count_of(a->gauges_per_metric, name);
-    if (gauges == -1 && PyErr_Occurred())
-        return -1;
-    if (mine + gauges >= a->max_per_metric || PyUnicode_GET_LENGTH(name) > a->max_name
-        || PyTuple_GET_SIZE(tags) > a->max_tags)
-        return 0;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(tags); i++) {
-        PyObject *pair = PyTuple_GET_ITEM(tags, i);
-        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2
-            || !PyUnicode_CheckExact(PyTuple_GET_ITEM(pair, 0))
-            || !PyUnicode_CheckExact(PyTuple_GET_ITEM(pair, 1)))
-            return 0;
-        if (PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(pair, 0))
-                + PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(pair, 1))
-            >= a->max_tag)
-            return 0;
-    }
-    *in_metric = mine;
-    return 1;
-}
-
-/* May the series ``key``, new to the flush, enter?  1, 0 or -1 (error). */
-static int
-admit_series(Admission *a, PyObject *key)
-{
-    if (a->budget == Py_None)
-        return 1;
-    long long in_metric = 0;
-    int passes = admission_passes(a, key, &in_metric);
-    if (passes < 0)
-        return -1;
-    if (passes) {
-        PyObject *count = PyLong_FromLongLong(in_metric + 1);
-        if (count == NULL
-            || PyDict_SetItem(a->per_metric, PyTuple_GET_ITEM(key, 0), count) < 0) {
-            Py_XDECREF(count);
-            return -1;
-        }
-        Py_DECREF(count);
-        a->created++;
-        return 1;
-    }
-    /* admit decides, with the count as it stands */
-    PyObject *created = PyLong_FromLongLong(a->created);
-    if (created == NULL || PyObject_SetAttrString(a->budget, "created", created) < 0) {
-        Py_XDECREF(created);
-        return -1;
-    }
-    Py_DECREF(created);
-    PyObject *name = PySequence_GetItem(key, 0), *tags = PySequence_GetItem(key, 2);
-    PyObject *persisted = PyLong_FromLongLong(a->persisted), *answer = NULL;
-    if (name != NULL && tags != NULL && persisted != NULL)
-        answer = PyObject_CallMethod(a->budget, "admit", "OOO", name, tags, persisted);
-    Py_XDECREF(name);
-    Py_XDECREF(tags);
-    Py_XDECREF(persisted);
-    if (answer == NULL)
-        return -1;
-    int admitted = PyObject_IsTrue(answer);
-    Py_DECREF(answer);
-    a->created = long_attr(a->budget, "created");
-    return PyErr_Occurred() ? -1 : admitted;
-}
-
 /* mine[i] += theirs[i] for the two accumulators of a counter */
 static int
 add_counter(PyObject *mine, PyObject *theirs)
@@ -1510,7 +1355,7 @@ merge_window_counters(PyObject *counters, PyObject *part, Admission *a)
                 return -1;
             continue;
         }
-        int admitted = PyErr_Occurred() ? -1 : admit_series(a, key);
+        int admitted = PyErr_Occurred() ? -1 : admit_series(a, key, 0);
         if (admitted < 0 || (admitted && PyDict_SetItem(counters, key, acc) < 0))
             return -1;
     }
@@ -1555,7 +1400,7 @@ merge_window_timers(PyObject *timers, PyObject *weights, PyObject *part, PyObjec
         if (theirs == NULL && PyErr_Occurred())
             return -1;
         if (mine == NULL) {
-            int admitted = admit_series(a, key);
+            int admitted = admit_series(a, key, 0);
             if (admitted < 0
                 || (admitted
                     && (PyDict_SetItem(timers, key, values) < 0
@@ -1598,7 +1443,7 @@ merge_window_sets(PyObject *sets, PyObject *part, Admission *a)
             Py_DECREF(joined);
             continue;
         }
-        int admitted = PyErr_Occurred() ? -1 : admit_series(a, key);
+        int admitted = PyErr_Occurred() ? -1 : admit_series(a, key, 0);
         if (admitted < 0 || (admitted && PyDict_SetItem(sets, key, members) < 0))
             return -1;
     }

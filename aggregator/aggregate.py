@@ -213,8 +213,9 @@ class Aggregator:
         """What the C fast path updates in place, in the order ``Routes.feed`` takes it.
 
         The open window's counters, timers, weights, gauges and sets, the
-        persisted gauges, the limits' ``admit``, ``gauge_deltas``, whether
-        gauges are kept as a worker keeps them, and the worker's ``now``.
+        persisted gauges, the limits' budget (whose ``admit`` the C path
+        does in C, _admission.h), ``gauge_deltas``, whether gauges are kept
+        as a worker keeps them, and the worker's ``now``.
         """
         w = self._open
         return (
@@ -224,7 +225,7 @@ class Aggregator:
             w.gauges,
             w.sets,
             self._gauges,
-            self._budget.admit,
+            self._budget,
             self.gauge_deltas,
             False,
             0.0,

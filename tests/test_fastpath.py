@@ -124,6 +124,7 @@ def pair(
 def state(feed: Intake) -> dict[str, Any]:
     aggregator = feed.aggregator
     window = aggregator._open
+    budget = aggregator._budget
     stats = feed.stats
     return {
         "counters": exact(window.counters),
@@ -139,6 +140,7 @@ def state(feed: Intake) -> dict[str, Any]:
         "events": feed.events,
         "checks": feed.checks,
         "drops": exact(aggregator.drops.take_window()),
+        "budget": (budget.created, budget.per_metric, budget.gauges_per_metric),
     }
 
 
@@ -181,8 +183,19 @@ def test_every_parser_vector_lands_alike(vector: dict[str, Any]) -> None:
         {"worker": True, "gauge_deltas": False},
         {"limits": Limits(max_series=25, max_series_per_metric=6, max_tags=1)},
         {"worker": True, "limits": Limits(max_series=25)},
+        {"limits": Limits(max_name_length=4, max_tag_length=7, max_series_per_metric=3)},
+        {"worker": True, "limits": Limits(max_name_length=5, max_tag_length=6)},
     ],
-    ids=["daemon", "worker", "no-deltas", "worker-no-deltas", "limits", "worker-limits"],
+    ids=[
+        "daemon",
+        "worker",
+        "no-deltas",
+        "worker-no-deltas",
+        "limits",
+        "worker-limits",
+        "name-tag-limits",
+        "worker-name-tag-limits",
+    ],
 )
 def test_a_mixed_corpus_lands_alike(seed: int, setup: dict[str, Any]) -> None:
     fast, pure = pair(**setup)
