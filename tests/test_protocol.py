@@ -196,6 +196,25 @@ def test_name_and_tag_caches_are_bounded() -> None:
     assert 0 < len(parser._names) <= entries
     assert 0 < len(parser._tags) <= entries
     assert 0 < len(parser._plans) <= entries
+    assert 0 < len(parser._pairs) <= entries
+
+
+def test_a_tag_pair_is_one_object_in_every_tag_set_that_holds_it() -> None:
+    """So a window's keys hold each pair once, and pickle refers to it after
+    its first use (an ingest worker's hand-over)."""
+    parser = strict_parser()
+    lines = [
+        b"a:1|c|#env:prod,host:web-1",
+        b"b:1|ms|#host:web-2,env:prod",
+        b"c,env=prod:1|g",
+        b"d;env=prod;host=web-1:1|s",
+        b"e:1|c|#env:prod|#host:web-1",
+    ]
+    tags = [parser.parse(line).samples[0].tags for line in lines]
+    assert [dict(t)["env"] for t in tags] == ["prod"] * 5
+    env = {id(pair) for t in tags for pair in t if pair[0] == "env"}
+    web1 = {id(pair) for t in tags for pair in t if pair == ("host", "web-1")}
+    assert len(env) == 1 and len(web1) == 1
 
 
 def test_long_names_and_tags_are_not_cached() -> None:
