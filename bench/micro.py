@@ -18,11 +18,16 @@ cost, in a few seconds and with less noise:
   ingest worker's does, so the flush meets its keys as fresh objects; with
   ``--registered``, the first window's series are stored while it is open
   (``Storage.register``), as the daemon's writer does, timed on its own;
+- handover (only when asked for): two ingest workers' windows of a
+  workload's corpus (each worker's intake reads every other batch), cut
+  into slices and pickled as a worker hands them over at a swap, then
+  unpickled and merged as the daemon's writer does;
 - hour (only when asked for): the compaction of an hour bucket of N
   series, in one statement and in the writer's slices.
 
     .venv/bin/python bench/micro.py                  # intake a,b,d,e; flush 100k
     .venv/bin/python bench/micro.py --series 10000 --sections flush
+    .venv/bin/python bench/micro.py --sections handover --workloads d,e
 
 Run it pinned to one core on a quiet machine (``taskset -c 0``); each intake
 figure is the best of ``--rounds`` (the least disturbed). The garbage
@@ -47,13 +52,19 @@ sys.path.insert(0, str(HERE))
 
 import workloads  # noqa: E402
 
-from aggregator.aggregate import Aggregator, snapshot  # noqa: E402
+from aggregator.aggregate import (  # noqa: E402
+    Aggregator,
+    WorkerAggregator,
+    merge_worker_windows,
+    snapshot,
+)
 from aggregator.fastpath import native  # noqa: E402
 from aggregator.intake import Intake, paused_gc, quiet_gc  # noqa: E402
-from aggregator.limits import Limits  # noqa: E402
+from aggregator.limits import Drops, Limits  # noqa: E402
 from aggregator.model import Sample  # noqa: E402
 from aggregator.protocol import Parser  # noqa: E402
 from aggregator.storage import _COMPACT, _SPAN, Storage, Tier  # noqa: E402
+from aggregator.worker import SLICE_SERIES, window_slices  # noqa: E402
 
 PERCENTILES = (90.0, 95.0, 99.0)
 INTERVAL = 5
@@ -91,6 +102,52 @@ def intake(key: str, rounds: int, fast: bool) -> None:
         f"{corpus.lines / best:,.0f} lines/s, {best / corpus.lines * 1e6:.2f} us/line; "
         f"after a swap {corpus.lines / fresh:,.0f} lines/s, "
         f"{fresh / corpus.lines * 1e6:.2f} us/line (best of {rounds})"
+    )
+
+
+def handover(key: str, rounds: int, workers: int = 2) -> None:
+    """Two ingest workers' windows of a corpus, handed to the daemon: each
+    worker's intake reads every other batch of the corpus, its window is
+    cut into slices and pickled (as ``worker._Worker.swap`` does), and the
+    daemon unpickles and merges them (as ``Daemon._merge_reports`` does)."""
+    corpus = workloads.build(workloads.WORKLOADS[key], HERE / "build")
+    datagrams = workloads.read_corpus(corpus.path)
+    batches = [datagrams[i : i + BATCH] for i in range(0, len(datagrams), BATCH)]
+    limits = Limits(max_series=10**7)
+    feeds = []
+    for n in range(workers):
+        worker = WorkerAggregator(INTERVAL, False, limits, Drops())
+        feed = Intake(Parser(), worker, time.time)
+        for batch in batches[n::workers]:  # the shapes learned, as in a warm worker
+            feed.datagrams(batch)
+        feeds.append(feed)
+    best = (float("inf"), float("inf"), 0)
+    start = int(time.time()) // INTERVAL * INTERVAL
+    for _ in range(rounds):
+        for n, feed in enumerate(feeds):
+            feed.aggregator.open(start)  # as the daemon aligns its workers' windows
+            for batch in batches[n::workers]:
+                feed.datagrams(batch)
+        with paused_gc():
+            t0 = time.perf_counter()
+            pieces = [
+                pickle.dumps(piece, protocol=pickle.HIGHEST_PROTOCOL)
+                for feed in feeds
+                for piece in window_slices(feed.aggregator.swap(start + INTERVAL), SLICE_SERIES)
+            ]
+            t1 = time.perf_counter()
+            daemon = Aggregator(INTERVAL, PERCENTILES, limits=limits)
+            daemon.open(start)
+            closed = daemon.swap(start + INTERVAL)
+            merge_worker_windows(closed, (pickle.loads(piece) for piece in pieces), None)
+            t2 = time.perf_counter()
+        if t2 - t0 < sum(best[:2]):
+            best = (t1 - t0, t2 - t1, sum(map(len, pieces)))
+        del closed, pieces
+    print(
+        f"handover ({key}) {corpus.workload.title}, {workers} workers: pickled in "
+        f"{best[0]:.3f} s, unpickled and merged in {best[1]:.3f} s, "
+        f"{best[2] / 1e6:.1f} MB (best of {rounds})"
     )
 
 
@@ -239,7 +296,7 @@ def hour(series: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default="intake,flush")
-    parser.add_argument("--workloads", default="a,b,d,e", help="intake corpora")
+    parser.add_argument("--workloads", default="a,b,d,e", help="intake, handover: corpora")
     parser.add_argument("--series", type=int, default=100_000, help="flush, hour: series")
     parser.add_argument("--samples", type=int, default=3, help="flush: values per series")
     parser.add_argument(
@@ -265,6 +322,9 @@ def main() -> None:
                 intake(key, args.rounds, fast)
     if "flush" in sections:
         flush(args.series, args.samples, args.tags, args.pickled, args.registered)
+    if "handover" in sections:
+        for key in args.workloads.split(","):
+            handover(key, args.rounds)
     if "hour" in sections:
         hour(args.series)
 
