@@ -21,7 +21,7 @@ cost, in a few seconds and with less noise:
 - handover (only when asked for): two ingest workers' windows of a
   workload's corpus (each worker's intake reads every other batch), cut
   into slices and pickled as a worker hands them over at a swap, then
-  unpickled and merged as the daemon's writer does;
+  unpickled and merged as the daemon's writer does (without the limits);
 - hour (only when asked for): the compaction of an hour bucket of N
   series, in one statement and in the writer's slices.
 
@@ -109,7 +109,8 @@ def handover(key: str, rounds: int, workers: int = 2) -> None:
     """Two ingest workers' windows of a corpus, handed to the daemon: each
     worker's intake reads every other batch of the corpus, its window is
     cut into slices and pickled (as ``worker._Worker.swap`` does), and the
-    daemon unpickles and merges them (as ``Daemon._merge_reports`` does)."""
+    daemon unpickles and merges them (as ``Daemon._merge_reports`` does,
+    but with no limits' budget: the merge admits no series here)."""
     corpus = workloads.build(workloads.WORKLOADS[key], HERE / "build")
     datagrams = workloads.read_corpus(corpus.path)
     batches = [datagrams[i : i + BATCH] for i in range(0, len(datagrams), BATCH)]
