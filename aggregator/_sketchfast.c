@@ -25,8 +25,8 @@
  * the series and metric ids of its cache, sorted as the b-tree is.
  *
  * fold_rows(...) folds one window's rows into the running columns of the
- * minute being filled, as storage._Pending.add does when the window holds
- * the same series in the same order, and declines (None) anything else.
+ * minute being filled, as storage._Pending.add does, when each of its series
+ * has a column position already, and declines (None) anything else.
  *
  * merge_series(...) folds an ingest worker's window into the daemon's, as
  * aggregate._merge_series does, admitting each new series as
@@ -1137,83 +1137,122 @@ finally:
 
 /* ------------------------------------------------------------ fold_rows */
 
-/* storage._Pending.add's common case: a window of the very series of the
- * bucket's columns, in their order, every count, sum, min and max of it a
- * finite float and every column value a float. Returns the new
- * (count, sum, min, max, last, states) columns, or None (Python folds). */
+/* The column position of a row's series (pos[series id] - 1), or -1 when it
+ * has none or the row is not one this folds. */
+static Py_ssize_t
+fold_position(PyObject *row, const long long *pos, Py_ssize_t size, Py_ssize_t columns)
+{
+    if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) < 10)
+        return -1;
+    PyObject *sid = PyTuple_GET_ITEM(row, 3);
+    if (!PyLong_CheckExact(sid))
+        return -1;
+    int overflow = 0;
+    long long id = PyLong_AsLongLongAndOverflow(sid, &overflow);
+    if (overflow || id < 0 || id >= size)
+        return -1;
+    long long at = pos[id] - 1;
+    return (at >= 0 && at < columns) ? (Py_ssize_t)at : -1;
+}
+
+/* storage._Pending.add in C, for a window whose every series has a position
+ * in the bucket's columns already (pos[series id] - 1), none of them twice,
+ * every count, sum, min and max of it a finite float and every held one a
+ * float. The count, sum, min, max and last columns are updated in place; the
+ * result is the window's states by position (None where a series is not in
+ * it). Anything else is declined (None) before a column is touched. */
 static PyObject *
 fold_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "fold_rows(rows, sids, count, sum, min, max)");
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "fold_rows(rows, pos, count, sum, min, max, last)");
         return NULL;
     }
-    for (int k = 0; k < 6; k++) {
-        if (!PyList_CheckExact(args[k]))
+    PyObject *rows = args[0], **column = (PyObject **)args + 2;
+    if (!PyList_CheckExact(rows))
+        Py_RETURN_NONE;
+    for (int k = 0; k < 5; k++) {
+        if (!PyList_CheckExact(column[k]))
             Py_RETURN_NONE;
     }
-    Py_ssize_t n = PyList_GET_SIZE(args[0]);
-    for (int k = 1; k < 6; k++) {
-        if (PyList_GET_SIZE(args[k]) != n)
+    Py_ssize_t m = PyList_GET_SIZE(column[0]);
+    for (int k = 1; k < 5; k++) {
+        if (PyList_GET_SIZE(column[k]) != m)
             Py_RETURN_NONE;
     }
-    PyObject *out[6] = {NULL, NULL, NULL, NULL, NULL, NULL};
-    PyObject *result = NULL;
-    for (int k = 0; k < 6; k++) {
-        out[k] = PyList_New(n);
-        if (out[k] == NULL)
-            goto finally;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (view.itemsize != 8 || view.format == NULL || strcmp(view.format, "q") != 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_TypeError, "fold_rows: pos is not an array('q')");
+        return NULL;
+    }
+    const long long *pos = view.buf;
+    Py_ssize_t size = view.len / 8, n = PyList_GET_SIZE(rows);
+    Py_ssize_t *at = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(n ? n : 1));
+    unsigned char *taken = PyMem_Calloc((size_t)(m ? m : 1), 1);
+    PyObject *states = NULL;
+    if (at == NULL || taken == NULL) {
+        PyErr_NoMemory();
+        goto finally;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *row = PyList_GET_ITEM(args[0], i);
-        if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) < 10)
+        PyObject *row = PyList_GET_ITEM(rows, i);
+        Py_ssize_t p = fold_position(row, pos, size, m);
+        if (p < 0 || taken[p])
             goto decline;
-        int same = PyObject_RichCompareBool(PyTuple_GET_ITEM(row, 3),
-                                            PyList_GET_ITEM(args[1], i), Py_EQ);
-        if (same < 0)
-            goto finally;
-        if (!same)
-            goto decline;
-        PyObject *held[4], *fresh[4];
+        taken[p] = 1;
+        at[i] = p;
         for (int k = 0; k < 4; k++) {
-            held[k] = PyList_GET_ITEM(args[2 + k], i);
-            fresh[k] = PyTuple_GET_ITEM(row, 4 + k);
-            if (!PyFloat_CheckExact(held[k]) || !PyFloat_CheckExact(fresh[k])
-                || !isfinite(PyFloat_AS_DOUBLE(fresh[k])))
+            PyObject *held = PyList_GET_ITEM(column[k], p), *fresh = PyTuple_GET_ITEM(row, 4 + k);
+            if (!PyFloat_CheckExact(held) || !PyFloat_CheckExact(fresh)
+                || !isfinite(PyFloat_AS_DOUBLE(fresh)))
                 goto decline;
         }
-        PyObject *count = PyFloat_FromDouble(PyFloat_AS_DOUBLE(held[0]) + PyFloat_AS_DOUBLE(fresh[0]));
-        PyObject *sum = PyFloat_FromDouble(PyFloat_AS_DOUBLE(held[1]) + PyFloat_AS_DOUBLE(fresh[1]));
-        if (count == NULL || sum == NULL) {
-            Py_XDECREF(count);
-            Py_XDECREF(sum);
+    }
+    states = PyList_New(m);
+    if (states == NULL)
+        goto finally;
+    for (Py_ssize_t j = 0; j < m; j++)
+        PyList_SET_ITEM(states, j, Py_NewRef(Py_None));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *row = PyList_GET_ITEM(rows, i);
+        Py_ssize_t p = at[i];
+        PyObject *fresh[6], *made[6];
+        for (int k = 0; k < 6; k++)
+            fresh[k] = PyTuple_GET_ITEM(row, 4 + k);
+        made[0] = PyFloat_FromDouble(PyFloat_AS_DOUBLE(PyList_GET_ITEM(column[0], p))
+                                     + PyFloat_AS_DOUBLE(fresh[0]));
+        made[1] = PyFloat_FromDouble(PyFloat_AS_DOUBLE(PyList_GET_ITEM(column[1], p))
+                                     + PyFloat_AS_DOUBLE(fresh[1]));
+        if (made[0] == NULL || made[1] == NULL) {
+            Py_XDECREF(made[0]);
+            Py_XDECREF(made[1]);
+            Py_CLEAR(states);
             goto finally;
         }
-        PyList_SET_ITEM(out[0], i, count);
-        PyList_SET_ITEM(out[1], i, sum);
         /* min(a, b) and max(a, b): a unless b is strictly beyond it */
-        PyObject *low = PyFloat_AS_DOUBLE(fresh[2]) < PyFloat_AS_DOUBLE(held[2]) ? fresh[2] : held[2];
-        PyObject *high = PyFloat_AS_DOUBLE(fresh[3]) > PyFloat_AS_DOUBLE(held[3]) ? fresh[3] : held[3];
-        PyList_SET_ITEM(out[2], i, Py_NewRef(low));
-        PyList_SET_ITEM(out[3], i, Py_NewRef(high));
-        PyList_SET_ITEM(out[4], i, Py_NewRef(PyTuple_GET_ITEM(row, 8)));
-        PyList_SET_ITEM(out[5], i, Py_NewRef(PyTuple_GET_ITEM(row, 9)));
-    }
-    result = PyTuple_New(6);
-    if (result == NULL)
-        goto finally;
-    for (int k = 0; k < 6; k++) {
-        PyTuple_SET_ITEM(result, k, out[k]);
-        out[k] = NULL;
+        PyObject *low = PyList_GET_ITEM(column[2], p), *high = PyList_GET_ITEM(column[3], p);
+        made[2] = Py_NewRef(PyFloat_AS_DOUBLE(fresh[2]) < PyFloat_AS_DOUBLE(low) ? fresh[2] : low);
+        made[3] = Py_NewRef(PyFloat_AS_DOUBLE(fresh[3]) > PyFloat_AS_DOUBLE(high) ? fresh[3] : high);
+        made[4] = Py_NewRef(fresh[4]);
+        for (int k = 0; k < 5; k++) {
+            PyObject *old = PyList_GET_ITEM(column[k], p);
+            PyList_SET_ITEM(column[k], p, made[k]);
+            Py_DECREF(old);
+        }
+        PyList_SET_ITEM(states, p, Py_NewRef(fresh[5]));
+        Py_DECREF(Py_None);  /* the None it replaces */
     }
     goto finally;
 decline:
-    result = Py_NewRef(Py_None);
+    states = Py_NewRef(Py_None);
 finally:
-    /* unset items of a list are NULL: list_dealloc skips them */
-    for (int k = 0; k < 6; k++)
-        Py_XDECREF(out[k]);
-    return result;
+    PyBuffer_Release(&view);
+    PyMem_Free(at);
+    PyMem_Free(taken);
+    return states;
 }
 
 /* ------------------------------------------------------------ window_rows */
@@ -1508,8 +1547,8 @@ static PyMethodDef module_methods[] = {
      "window_rows(rollups, series, r0, ts) -> (rows, None) or (None, keys the cache lacks): "
      "the _UPSERT rows of one window, in (metric id, series id) order."},
     {"fold_rows", (PyCFunction)(void (*)(void))fold_rows, METH_FASTCALL,
-     "fold_rows(rows, sids, count, sum, min, max) -> (count, sum, min, max, last, states) "
-     "or None: storage._Pending.add of a window of the bucket's series in its order."},
+     "fold_rows(rows, pos, count, sum, min, max, last) -> states or None: "
+     "storage._Pending.add, the columns updated in place, for series with positions."},
     {"merge_series", (PyCFunction)(void (*)(void))merge_series, METH_FASTCALL,
      "merge_series(target, part, budget, persisted) -> None: aggregate._merge_series, "
      "a worker window's counters, timers and sets into the daemon's, under the budget."},

@@ -145,6 +145,7 @@ import re
 import sqlite3
 import threading
 import time
+from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -1047,8 +1048,10 @@ class _Pending:
     100k series and 5 s windows, 1.2M rows and 420k steps of the Python
     aggregate ``merge_states``, ~2.5 s of the flush that completed each
     minute. The writer holds each window's rows as it writes them, so it
-    folds them here into one running row per series, in C (``map`` over
-    columns): count and sum added in window order starting from 0.0, as
+    folds them here into one running row per series, at the series'
+    position in the columns (``pos``), in C when the extension is built
+    (``_sketchfast.fold_rows``, in place, whatever series a window holds):
+    count and sum added in window order starting from 0.0, as
     SQLite's sum() does; min and max keeping the first of equal values, as
     SQLite's do; last from the latest window. The sketch and set blobs are
     kept, one list per window, and merged once per series when the bucket
@@ -1062,7 +1065,7 @@ class _Pending:
     """
 
     __slots__ = (
-        "bucket", "count", "known", "last", "last_ts", "max", "mids", "min", "ordered",
+        "bucket", "count", "last", "last_ts", "max", "mids", "min", "ordered", "pos",
         "sids", "states", "sum", "types", "valid",
     )  # fmt: skip
 
@@ -1070,9 +1073,9 @@ class _Pending:
         self.bucket = bucket
         self.last_ts = bucket - 1
         self.valid = valid
-        #: the series ids of ``sids``, as a set: made only when a window brings
-        #: other series (at 100k series it held about 17 MB all minute)
-        self.known: set[int] | None = None
+        #: [series id] -> its position in the columns + 1, 0 for none (8 bytes
+        #: a series id, where a set of the ids held about 17 MB at 100k series)
+        self.pos = array("q")
         self.sids: list[int] = []
         self.mids: list[int] = []
         self.types: list[str] = []
@@ -1096,12 +1099,9 @@ class _Pending:
         self.last_ts = ts
         if not self.sids and not self._start(window):
             return
-        if sketch_native is not None:  # the common case in C: the same series, in order
-            folded = sketch_native.fold_rows(
-                window, self.sids, self.count, self.sum, self.min, self.max
-            )
-            if folded is not None:
-                self.count, self.sum, self.min, self.max, self.last, states = folded
+        if sketch_native is not None:  # the common case in C: plain values
+            states = self._fold_native(window)
+            if states is not None:
                 self.states.append(states)
                 return
         sids = list(map(_SERIES_ID, window))
@@ -1121,8 +1121,7 @@ class _Pending:
             if len(where) != n:  # a series twice: the upsert merged them
                 self.valid = False
                 return
-            if not self._known().issuperset(sids):
-                self._grow(sids, window)
+            self._grow(window)
         try:
             if sids == self.sids:  # the same series as the columns, in order
                 self.count = list(map(add, self.count, counts))
@@ -1153,10 +1152,15 @@ class _Pending:
         except TypeError:  # count or sum None, or text: SQLite's sum() decides
             self.valid = False
 
-    def _known(self) -> set[int]:
-        if self.known is None:
-            self.known = set(self.sids)
-        return self.known
+    def _fold_native(self, window: Sequence[tuple[Any, ...]]) -> list[bytes | None] | None:
+        """The window folded in C, its new series given positions first; None
+        (nothing changed but those positions) when Python must fold it."""
+        assert sketch_native is not None
+        columns = (self.pos, self.count, self.sum, self.min, self.max, self.last)
+        states: list[bytes | None] | None = sketch_native.fold_rows(window, *columns)
+        if states is None and self._grow(window):
+            states = sketch_native.fold_rows(window, *columns)
+        return states
 
     def _start(self, window: Sequence[tuple[Any, ...]]) -> bool:
         """Columns for the first window of a bucket: its series, in its order,
@@ -1169,6 +1173,9 @@ class _Pending:
             self.valid = False
             return False
         self.sids = sids
+        self.pos = array("q", bytes(8 * (max(sids, default=0) + 1)))
+        for at, series_id in enumerate(sids, 1):
+            self.pos[series_id] = at
         self.mids = list(map(_METRIC_ID, window))
         self.types = list(map(_TYPE, window))
         self.count = [0.0] * n
@@ -1178,15 +1185,24 @@ class _Pending:
         self.last = [None] * n
         return True
 
-    def _grow(self, sids: list[int], window: Sequence[tuple[Any, ...]]) -> None:
-        """Give the window's new series positions, with neutral values so far."""
-        known = self._known()
-        rows = [row for sid, row in zip(sids, window, strict=True) if sid not in known]
+    def _grow(self, window: Sequence[tuple[Any, ...]]) -> bool:
+        """Give the window's new series positions, with neutral values so far;
+        False if it has none. A series twice in it gets one (``add`` then
+        finds it twice in the window: the bucket is invalid)."""
+        pos = self.pos
+        rows = [row for row in window if row[3] >= len(pos) or not pos[row[3]]]
+        if not rows:
+            return False
+        if len(set(map(_SERIES_ID, rows))) != len(rows):  # each new series once
+            rows = list({row[3]: row for row in rows}.values())  # (same metric and type)
         grow = len(rows)
         first = len(self.sids)
         self.ordered = not first  # appended after the known series: out of key order
-        known.update(map(_SERIES_ID, rows))
-        self.sids += map(_SERIES_ID, rows)
+        sids = list(map(_SERIES_ID, rows))
+        pos.frombytes(bytes(8 * max(0, max(sids) + 1 - len(pos))))
+        for at, series_id in enumerate(sids, first + 1):
+            pos[series_id] = at
+        self.sids += sids
         self.mids += map(_METRIC_ID, rows)
         self.types += map(_TYPE, rows)
         self.count += repeat(0.0, grow)
@@ -1196,6 +1212,7 @@ class _Pending:
         self.last += repeat(None, grow)
         for column in self.states:
             column += repeat(None, grow)
+        return True
 
     def compacted(self, resolution: int) -> _PendingRows | None:
         """The bucket's rows of ``_INSERT_COMPACTED``, to be taken in slices;
@@ -1334,12 +1351,16 @@ class _Writer:
         self.conn.create_aggregate("merge_states", 2, _MergeStates)  # type: ignore[arg-type]
         #: (name, type, tags as sent) -> (series id, metric id)
         self.series: dict[tuple[str, str, Tags], tuple[int, int]] = {}
-        #: series id -> last_seen as stored, less its _seen_phase until first rewritten
-        self.series_seen: dict[int, int] = {}
+        # Ids are dense (handed out in order, from 1), so what is kept per id is
+        # held by position: an 8-byte slot per series instead of a dict entry
+        # and an int object (about 110 bytes a series at 100k series).
+        #: [series id] -> last_seen as stored, less its _seen_phase until first rewritten
+        self.series_seen = array("q")
         self.metrics: dict[tuple[str, str], _MetricInfo] = {}
-        self.metric_by_id: dict[int, _MetricInfo] = {}
-        #: metric id -> its last_seen is rewritten by the first window from then on
-        self.metric_due: dict[int, int] = {}
+        #: [metric id] -> the metric, None for an id that is gone
+        self.metric_by_id: list[_MetricInfo | None] = []
+        #: [metric id] -> its last_seen is rewritten by the first window from then on
+        self.metric_due = array("q")
         #: no metric's first_seen is later than this (a window before it may move one)
         self.latest_first_seen = 0
         #: ids handed to the next new series and metric (one writer: no race)
@@ -1370,15 +1391,16 @@ class _Writer:
         self.pending = None  # the file may hold rows it never saw
         self.compacting.clear()  # restarted from the watermarks (OR REPLACE)
         self.series.clear()
-        self.series_seen.clear()
         self.metrics.clear()
-        self.metric_by_id.clear()
-        self.metric_due.clear()
         self.latest_first_seen = 0
         counts = dict(conn.execute("SELECT metric_id, count(*) FROM series GROUP BY 1"))
         r0 = self.tiers[0].resolution
         ((self.next_series_id,),) = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM series")
         ((self.next_metric_id,),) = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM metrics")
+        # one slot per id below the next one: _add_series appends the new ids' slots
+        self.series_seen = array("q", bytes(8 * self.next_series_id))
+        self.metric_due = array("q", bytes(8 * self.next_metric_id))
+        self.metric_by_id = [None] * self.next_metric_id
         for metric_id, name, type_code, first, last, totals_from in conn.execute(
             "SELECT id, name, type, first_seen, last_seen, totals_from FROM metrics"
         ):
@@ -1613,8 +1635,9 @@ class _Writer:
             metric = metrics.get((name, type_code))
             if metric is None:  # its first series: no totals to start (_count_series)
                 metric = _MetricInfo(next_metric, name, type_code, 1, ts, ts, None)
-                metrics[(name, type_code)] = metric_by_id[next_metric] = metric
-                metric_due[next_metric] = metric_due_at - next_metric % metric_slots * r0
+                metrics[(name, type_code)] = metric
+                metric_by_id.append(metric)  # at next_metric: the ids are the positions
+                metric_due.append(metric_due_at - next_metric % metric_slots * r0)
                 new_metrics.append(metric)
                 next_metric += 1
             elif self._count_series(metric) and metric.id < first_new_metric:
@@ -1626,7 +1649,7 @@ class _Writer:
             if tags:
                 tag_rows.extend((series_id, k, v) for k, v in tags)
                 series[(name, type_code, tags)] = ids
-            series_seen[series_id] = ts - series_id % series_slots * r0
+            series_seen.append(ts - series_id % series_slots * r0)  # at series_id
         self.next_series_id = next_series
         self.next_metric_id = next_metric
         if new_metrics:
@@ -1672,7 +1695,6 @@ class _Writer:
         comparison per metric, and Python work only for the few series and
         metrics whose stored values move."""
         seen = self.series_seen
-        by_id = self.metric_by_id
         due = self.metric_due
         series_rows: list[tuple[int, int]] = []
         windows: list[tuple[int, set[int]]] = []
@@ -1683,12 +1705,13 @@ class _Writer:
             stale = list(
                 compress(sids, map(le, map(seen.__getitem__, sids), repeat(ts - SERIES_SEEN_EVERY)))
             )
-            seen.update(zip(stale, repeat(ts)))
+            for series_id in stale:
+                seen[series_id] = ts
             series_rows.extend(zip(repeat(ts), stale))
             mids = set(map(_METRIC_ID, window))
             windows.append((ts, mids))
             if ts < self.latest_first_seen:  # a late window may move first_seen back
-                moving.update(m for m in mids if ts >= due[m] or ts < by_id[m].first_seen)
+                moving.update(m for m in mids if ts >= due[m] or ts < self._metric(m).first_seen)
             else:
                 moving.update(compress(mids, map(le, map(due.__getitem__, mids), repeat(ts))))
         if series_rows:
@@ -1709,7 +1732,7 @@ class _Writer:
                     span[1] = ts
         metric_rows = []
         for metric_id, (first, last) in metric_span.items():
-            info = by_id[metric_id]
+            info = self._metric(metric_id)
             info.first_seen = min(info.first_seen, first)
             if last >= due[metric_id]:
                 info.last_seen = last
@@ -1718,6 +1741,11 @@ class _Writer:
         _executemany(
             self.conn, "UPDATE metrics SET first_seen = ?, last_seen = ? WHERE id = ?", metric_rows
         )
+
+    def _metric(self, metric_id: int) -> _MetricInfo:
+        info = self.metric_by_id[metric_id]
+        assert info is not None, metric_id  # a row names a stored metric
+        return info
 
     def _advance_written(self, end: int) -> None:
         """Tier 0's watermark: the end of the latest window written, never in the future."""
@@ -1871,8 +1899,7 @@ class _Writer:
         hi = min(hi, max(lo + r, _floor(lo + MAX_COMPACT_WINDOWS * src, r)))
         if i == 1 and self.pending is not None and self.pending.bucket < hi:
             self.pending = None  # compacted by SQL
-        counts = [(m.id, m.series) for m in self.metric_by_id.values()]
-        counts.sort()
+        counts = [(m.id, m.series) for m in self.metric_by_id if m is not None]
         series = sum(n for _, n in counts)
         writes = self._writes_before_next(i, hi)
         per_slice = max(COMPACT_SLICE_ROWS * src // (hi - lo), -(-series // writes), 1)

@@ -11,6 +11,7 @@ pass the byte comparison and buy nothing.
 
 from __future__ import annotations
 
+import array
 import math
 import os
 import random
@@ -539,7 +540,9 @@ def pending_after(windows: list[list[tuple[object, ...]]], fast: bool) -> str:
         pending = storage._Pending(0)
         for n, rows in enumerate(windows):
             pending.add(10 * n, rows)
-    columns = ("valid", "sids", "count", "sum", "min", "max", "last", "states")
+    if not pending.valid:  # never read again (compacted() is None): its columns do not matter
+        return "invalid"
+    columns = ("valid", "sids", "pos", "count", "sum", "min", "max", "last", "states")
     return repr([getattr(pending, name) for name in columns])
 
 
@@ -550,18 +553,33 @@ def rows_of(sids: list[int], values: list[tuple[object, ...]], ts: int) -> list[
     ]
 
 
-def test_fold_rows_takes_the_same_series_in_order() -> None:
+def native_columns(pending: storage._Pending) -> tuple[object, ...]:
+    return (pending.pos, pending.count, pending.sum, pending.min, pending.max, pending.last)
+
+
+def test_fold_rows_updates_the_columns_in_place() -> None:
     first = rows_of([1, 2], [(1.0, 2.0, -0.0, 3.0, 3.0, None), (1.0, 1.0, 1.0, 1.0, 1.0, b"x")], 0)
     again = rows_of([1, 2], [(1.0, 5.0, 0.0, 9.0, 9.0, None), (2.0, 2.0, 0.5, 1.0, 1.0, b"y")], 10)
     pending = storage._Pending(0)
     pending.add(0, first)
-    made = native.fold_rows(
-        again, pending.sids, pending.count, pending.sum, pending.min, pending.max
+    states = native.fold_rows(again, *native_columns(pending))
+    assert states == [None, b"y"]
+    assert repr(native_columns(pending)[1:]) == repr(
+        ([2.0, 3.0], [7.0, 3.0], [-0.0, 0.5], [9.0, 1.0], [9.0, 1.0])
     )
-    assert made is not None
-    assert repr(made) == repr(
-        ([2.0, 3.0], [7.0, 3.0], [-0.0, 0.5], [9.0, 1.0], [9.0, 1.0], [None, b"y"])
-    )
+
+
+def test_fold_rows_takes_the_bucket_series_in_any_order_and_any_of_them() -> None:
+    plain = (1.0, 1.0, 1.0, 1.0, 1.0, None)
+    first = rows_of([1, 2, 3], [plain] * 3, 0)
+    for sids in ([3, 1, 2], [2], [3, 1]):
+        again = rows_of(sids, [(2.0, 2.0, 0.5, 2.0, 2.0, b"s")] * len(sids), 10)
+        pending = storage._Pending(0)
+        pending.add(0, first)
+        states = native.fold_rows(again, *native_columns(pending))
+        assert states == [b"s" if sid in sids else None for sid in (1, 2, 3)]
+        assert pending.count == [3.0 if sid in sids else 1.0 for sid in (1, 2, 3)]
+        assert pending_after([first, again], fast=True) == pending_after([first, again], False)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 3, None, "1"], ids=repr)
@@ -573,21 +591,33 @@ def test_fold_rows_leaves_odd_values_to_python(value: object) -> None:
     again = rows_of(sids, [plain, odd], 10)
     pending = storage._Pending(0)
     pending.add(0, first)
-    columns = (pending.sids, pending.count, pending.sum, pending.min, pending.max)
-    assert native.fold_rows(again, *columns) is None
+    held = repr(native_columns(pending))
+    assert native.fold_rows(again, *native_columns(pending)) is None
+    assert repr(native_columns(pending)) == held  # declined before a column changed
     assert pending_after([first, again], fast=True) == pending_after([first, again], fast=False)
 
 
-def test_fold_rows_leaves_other_series_to_python() -> None:
+def test_fold_rows_leaves_new_or_repeated_series_to_python() -> None:
     plain = (1.0, 1.0, 1.0, 1.0, 1.0, None)
     first = rows_of([1, 2], [plain, plain], 0)
-    for sids in ([2, 1], [1, 3], [1], [1, 2, 3]):
+    for sids in ([1, 3], [1, 2, 3], [9], [2, 2], [1, 1, 2]):
         again = rows_of(sids, [plain] * len(sids), 10)
         pending = storage._Pending(0)
         pending.add(0, first)
-        columns = (pending.sids, pending.count, pending.sum, pending.min, pending.max)
-        assert native.fold_rows(again, *columns) is None
+        held = repr(native_columns(pending))
+        assert native.fold_rows(again, *native_columns(pending)) is None
+        assert repr(native_columns(pending)) == held
         assert pending_after([first, again], fast=True) == pending_after([first, again], False)
+
+
+def test_fold_rows_bad_arguments() -> None:
+    pending = storage._Pending(0)
+    pending.add(0, rows_of([1], [(1.0, 1.0, 1.0, 1.0, 1.0, None)], 0))
+    columns = native_columns(pending)
+    with pytest.raises(TypeError):
+        native.fold_rows([], *columns[:-1])
+    with pytest.raises(TypeError, match="array"):
+        native.fold_rows([], array.array("d", [0.0, 1.0]), *columns[1:])
 
 
 folded_value = st.one_of(
@@ -609,6 +639,25 @@ folded_value = st.one_of(
 def test_fold_rows_of_any_windows(windows: list[list[tuple[object, ...]]]) -> None:
     rows = [rows_of([1, 2, 3], values, 10 * n) for n, values in enumerate(windows)]
     assert pending_after(rows, fast=True) == pending_after(rows, fast=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.sampled_from([1, 2, 3, 5, 8]), min_size=1, max_size=6),
+        min_size=1,
+        max_size=6,
+    ),
+    st.sampled_from([1.0, 0.5, -2.0, math.nan, None]),
+)
+def test_fold_rows_of_any_series_in_any_order(sids: list[list[int]], value: object) -> None:
+    """Windows of other series than the bucket's first, new ones, some twice,
+    a value C declines: C and Python leave the same bucket behind."""
+    windows = [
+        rows_of(ids, [(1.0, float(at), value if at == 3 else 2.0, 3.0, 4.0, b"s")] * len(ids), at)
+        for at, ids in enumerate(sids)
+    ]
+    assert pending_after(windows, fast=True) == pending_after(windows, fast=False)
 
 
 # ------------------------------------------------------------ window_rows
