@@ -1155,44 +1155,58 @@ fold_position(PyObject *row, const long long *pos, Py_ssize_t size, Py_ssize_t c
     return (at >= 0 && at < columns) ? (Py_ssize_t)at : -1;
 }
 
+/* A writable array of ``itemsize`` bytes an item in ``format``, into view;
+ * -1 with TypeError naming ``what`` otherwise. */
+static int
+fold_column(PyObject *obj, Py_buffer *view, const char *format, const char *what)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    if (view->itemsize != 8 || view->format == NULL || strcmp(view->format, format) != 0) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "fold_rows: %s is not an array('%s')", what, format);
+        return -1;
+    }
+    return 0;
+}
+
 /* storage._Pending.add in C, for a window whose every series has a position
  * in the bucket's columns already (pos[series id] - 1), none of them twice,
- * every count, sum, min and max of it a finite float and every held one a
- * float. The count, sum, min, max and last columns are updated in place; the
- * result is the window's states by position (None where a series is not in
- * it). Anything else is declined (None) before a column is touched. */
+ * and every count, sum, min and max of it a finite float. The count, sum,
+ * min and max columns (array('d')) and the last column (a list) are updated
+ * in place; the result is the window's states by position (None where a
+ * series is not in it). Anything else is declined (None) before a column is
+ * touched. */
 static PyObject *
 fold_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
+    static const char *names[5] = {"pos", "count", "sum", "min", "max"};
     if (nargs != 7) {
         PyErr_SetString(PyExc_TypeError, "fold_rows(rows, pos, count, sum, min, max, last)");
         return NULL;
     }
-    PyObject *rows = args[0], **column = (PyObject **)args + 2;
-    if (!PyList_CheckExact(rows))
+    PyObject *rows = args[0], *last = args[6];
+    if (!PyList_CheckExact(rows) || !PyList_CheckExact(last))
         Py_RETURN_NONE;
-    for (int k = 0; k < 5; k++) {
-        if (!PyList_CheckExact(column[k]))
-            Py_RETURN_NONE;
-    }
-    Py_ssize_t m = PyList_GET_SIZE(column[0]);
-    for (int k = 1; k < 5; k++) {
-        if (PyList_GET_SIZE(column[k]) != m)
-            Py_RETURN_NONE;
-    }
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[1], &view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
-        return NULL;
-    if (view.itemsize != 8 || view.format == NULL || strcmp(view.format, "q") != 0) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_TypeError, "fold_rows: pos is not an array('q')");
-        return NULL;
-    }
-    const long long *pos = view.buf;
-    Py_ssize_t size = view.len / 8, n = PyList_GET_SIZE(rows);
-    Py_ssize_t *at = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(n ? n : 1));
-    unsigned char *taken = PyMem_Calloc((size_t)(m ? m : 1), 1);
+    Py_buffer view[5];
+    int held = 0;
     PyObject *states = NULL;
+    Py_ssize_t *at = NULL;
+    unsigned char *taken = NULL;
+    for (; held < 5; held++) {
+        if (fold_column(args[1 + held], &view[held], held ? "d" : "q", names[held]) < 0)
+            goto finally;
+    }
+    Py_ssize_t m = PyList_GET_SIZE(last);
+    for (int k = 1; k < 5; k++) {
+        if (view[k].len / 8 != m)
+            goto decline;
+    }
+    const long long *pos = view[0].buf;
+    double *column[4] = {view[1].buf, view[2].buf, view[3].buf, view[4].buf};
+    Py_ssize_t size = view[0].len / 8, n = PyList_GET_SIZE(rows);
+    at = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(n ? n : 1));
+    taken = PyMem_Calloc((size_t)(m ? m : 1), 1);
     if (at == NULL || taken == NULL) {
         PyErr_NoMemory();
         goto finally;
@@ -1205,9 +1219,8 @@ fold_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         taken[p] = 1;
         at[i] = p;
         for (int k = 0; k < 4; k++) {
-            PyObject *held = PyList_GET_ITEM(column[k], p), *fresh = PyTuple_GET_ITEM(row, 4 + k);
-            if (!PyFloat_CheckExact(held) || !PyFloat_CheckExact(fresh)
-                || !isfinite(PyFloat_AS_DOUBLE(fresh)))
+            PyObject *fresh = PyTuple_GET_ITEM(row, 4 + k);
+            if (!PyFloat_CheckExact(fresh) || !isfinite(PyFloat_AS_DOUBLE(fresh)))
                 goto decline;
         }
     }
@@ -1219,37 +1232,27 @@ fold_rows(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *row = PyList_GET_ITEM(rows, i);
         Py_ssize_t p = at[i];
-        PyObject *fresh[6], *made[6];
-        for (int k = 0; k < 6; k++)
-            fresh[k] = PyTuple_GET_ITEM(row, 4 + k);
-        made[0] = PyFloat_FromDouble(PyFloat_AS_DOUBLE(PyList_GET_ITEM(column[0], p))
-                                     + PyFloat_AS_DOUBLE(fresh[0]));
-        made[1] = PyFloat_FromDouble(PyFloat_AS_DOUBLE(PyList_GET_ITEM(column[1], p))
-                                     + PyFloat_AS_DOUBLE(fresh[1]));
-        if (made[0] == NULL || made[1] == NULL) {
-            Py_XDECREF(made[0]);
-            Py_XDECREF(made[1]);
-            Py_CLEAR(states);
-            goto finally;
-        }
+        column[0][p] += PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(row, 4));
+        column[1][p] += PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(row, 5));
         /* min(a, b) and max(a, b): a unless b is strictly beyond it */
-        PyObject *low = PyList_GET_ITEM(column[2], p), *high = PyList_GET_ITEM(column[3], p);
-        made[2] = Py_NewRef(PyFloat_AS_DOUBLE(fresh[2]) < PyFloat_AS_DOUBLE(low) ? fresh[2] : low);
-        made[3] = Py_NewRef(PyFloat_AS_DOUBLE(fresh[3]) > PyFloat_AS_DOUBLE(high) ? fresh[3] : high);
-        made[4] = Py_NewRef(fresh[4]);
-        for (int k = 0; k < 5; k++) {
-            PyObject *old = PyList_GET_ITEM(column[k], p);
-            PyList_SET_ITEM(column[k], p, made[k]);
-            Py_DECREF(old);
-        }
-        PyList_SET_ITEM(states, p, Py_NewRef(fresh[5]));
-        Py_DECREF(Py_None);  /* the None it replaces */
+        double low = PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(row, 6));
+        double high = PyFloat_AS_DOUBLE(PyTuple_GET_ITEM(row, 7));
+        if (low < column[2][p])
+            column[2][p] = low;
+        if (high > column[3][p])
+            column[3][p] = high;
+        PyObject *old = PyList_GET_ITEM(last, p);
+        PyList_SET_ITEM(last, p, Py_NewRef(PyTuple_GET_ITEM(row, 8)));
+        Py_DECREF(old);
+        PyList_SET_ITEM(states, p, Py_NewRef(PyTuple_GET_ITEM(row, 9)));
+        Py_DECREF(Py_None); /* the None it replaces */
     }
     goto finally;
 decline:
     states = Py_NewRef(Py_None);
 finally:
-    PyBuffer_Release(&view);
+    while (held > 0)
+        PyBuffer_Release(&view[--held]);
     PyMem_Free(at);
     PyMem_Free(taken);
     return states;

@@ -1079,10 +1079,12 @@ class _Pending:
         self.sids: list[int] = []
         self.mids: list[int] = []
         self.types: list[str] = []
-        self.count: list[Any] = []
-        self.sum: list[Any] = []
-        self.min: list[Any] = []
-        self.max: list[Any] = []
+        #: count, sum, min and max as doubles (no float object per series and
+        #: window to outlive the flush's temporaries), last as the rows hold it
+        self.count = array("d")
+        self.sum = array("d")
+        self.min = array("d")
+        self.max = array("d")
         self.last: list[Any] = []
         #: one list of blobs (or None) per window, by position
         self.states: list[list[bytes | None]] = []
@@ -1124,10 +1126,10 @@ class _Pending:
             self._grow(window)
         try:
             if sids == self.sids:  # the same series as the columns, in order
-                self.count = list(map(add, self.count, counts))
-                self.sum = list(map(add, self.sum, sums))
-                self.min = list(map(min, self.min, mins))
-                self.max = list(map(max, self.max, maxs))
+                self.count = array("d", map(add, self.count, counts))
+                self.sum = array("d", map(add, self.sum, sums))
+                self.min = array("d", map(min, self.min, mins))
+                self.max = array("d", map(max, self.max, maxs))
                 self.last = lasts
                 self.states.append(states)
                 return
@@ -1141,10 +1143,10 @@ class _Pending:
             mins.append(math.inf)
             maxs.append(-math.inf)
             states.append(None)
-            self.count = list(map(add, self.count, map(counts.__getitem__, at)))
-            self.sum = list(map(add, self.sum, map(sums.__getitem__, at)))
-            self.min = list(map(min, self.min, map(mins.__getitem__, at)))
-            self.max = list(map(max, self.max, map(maxs.__getitem__, at)))
+            self.count = array("d", map(add, self.count, map(counts.__getitem__, at)))
+            self.sum = array("d", map(add, self.sum, map(sums.__getitem__, at)))
+            self.min = array("d", map(min, self.min, map(mins.__getitem__, at)))
+            self.max = array("d", map(max, self.max, map(maxs.__getitem__, at)))
             keep = list(map(where.get, self.sids, range(n, n + m)))  # else the last one's
             lasts += self.last
             self.last = list(map(lasts.__getitem__, keep))
@@ -1178,10 +1180,10 @@ class _Pending:
             self.pos[series_id] = at
         self.mids = list(map(_METRIC_ID, window))
         self.types = list(map(_TYPE, window))
-        self.count = [0.0] * n
-        self.sum = [0.0] * n
-        self.min = [math.inf] * n
-        self.max = [-math.inf] * n
+        self.count = array("d", bytes(8 * n))  # 0.0s
+        self.sum = array("d", bytes(8 * n))
+        self.min = array("d", [math.inf]) * n
+        self.max = array("d", [-math.inf]) * n
         self.last = [None] * n
         return True
 
@@ -1205,10 +1207,10 @@ class _Pending:
         self.sids += sids
         self.mids += map(_METRIC_ID, rows)
         self.types += map(_TYPE, rows)
-        self.count += repeat(0.0, grow)
-        self.sum += repeat(0.0, grow)
-        self.min += repeat(math.inf, grow)
-        self.max += repeat(-math.inf, grow)
+        self.count.frombytes(bytes(8 * grow))
+        self.sum.frombytes(bytes(8 * grow))
+        self.min.extend(repeat(math.inf, grow))
+        self.max.extend(repeat(-math.inf, grow))
         self.last += repeat(None, grow)
         for column in self.states:
             column += repeat(None, grow)
@@ -1260,7 +1262,7 @@ class _PendingRows:
         p = self.pending
         at = self.order[a:b]
         types = list(map(p.types.__getitem__, at))
-        count = list(map(p.count.__getitem__, at))
+        count: list[float | None] = list(map(p.count.__getitem__, at))
         state: list[bytes | None] = [None] * len(at)
         stateful = [j for j, code in enumerate(types) if code in _STATEFUL]
         if len(stateful) < len(at):
