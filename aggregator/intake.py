@@ -112,6 +112,7 @@ class Intake:
             if route is not None and self.routes is not None:
                 head, tail, key, rate = route
                 if self.routes.learn(head.encode(), tail.encode(), key, _KINDS[key[1]], rate):
+                    self.parser.forget(head)
                     self._note_learned(key, len(self.routes))
 
     def _note_learned(self, key: SeriesKey, routes: int) -> None:

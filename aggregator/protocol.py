@@ -311,6 +311,12 @@ class Parser:
             return None
         return head, tail, (named[0], plan[0], plan[2]), plan[1]
 
+    def forget(self, head: str) -> None:
+        """Drop a name from the cache: the C fast path reads its lines now
+        (``route`` told it how), and each entry held about 120 bytes, per
+        series, for nothing (bench/README, item 44)."""
+        self._names.pop(head, None)
+
     def _remember_plan(self, rest: str, type_code: str, rate: float, tags: Tags) -> None:
         """Cache what a one-body line's type and fields mean, by their text.
 

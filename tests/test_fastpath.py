@@ -252,6 +252,15 @@ def test_lines_of_known_shapes_skip_the_parser() -> None:
     assert fast.stats.lines == 250
 
 
+def test_names_the_fast_path_learned_leave_the_parser_cache() -> None:
+    fast, pure = pair()
+    same_name = [b"api.req:1|c", b"api.req:2|c|@0.5", b"api.req:3|c"]  # two shapes, one name
+    unrouted = [b"multi:1|c:2|ms"]  # two bodies: the parser's alone, and kept cached
+    run_both([same_name + unrouted] * 3, fast, pure)
+    assert list(fast.parser._names) == ["multi"]
+    assert len(fast.routes or ()) == 2
+
+
 def test_a_full_route_table_starts_over_and_still_agrees() -> None:
     fast, pure = pair()
     assert native is not None
