@@ -182,8 +182,12 @@ def _writer_and_window(folder: str) -> tuple[Storage, Aggregator]:
     return storage, Aggregator(INTERVAL, PERCENTILES, limits=Limits(max_series=10**7))
 
 
-def flush(series: int, per_series: int, tags: int, pickled: bool, registered: bool) -> None:
+def flush(
+    series: int, per_series: int, tags: int, pickled: bool, registered: bool, present: float
+) -> None:
     samples = window_samples(series, per_series, tags)
+    names = sorted({s.name for s in samples})
+    rng = random.Random(2)
     with tempfile.TemporaryDirectory() as folder:
         storage, aggregator = _writer_and_window(folder)
         # a minute and a half of windows, starting three minutes ago: the 12th
@@ -196,7 +200,11 @@ def flush(series: int, per_series: int, tags: int, pickled: bool, registered: bo
         later: list[tuple[float, float]] = []
         for n in range(minute_at + 1 + 60 // INTERVAL // 2):
             aggregator.open(start + n * INTERVAL)
-            aggregator.add(samples)
+            if n and present < 1.0:  # each later window lacks a share of the series
+                here = {name for name in names if rng.random() < present}
+                aggregator.add([s for s in samples if s.name in here])
+            else:
+                aggregator.add(samples)
             if registered and n == 0:  # as the daemon's writer does while the window is open
                 keys = [(s.name, s.type, s.tags) for s in samples]
                 t0 = time.perf_counter()
@@ -223,6 +231,8 @@ def flush(series: int, per_series: int, tags: int, pickled: bool, registered: bo
         storage.close()
     later.sort(key=sum)
     how = ", each window pickled as a worker's" if pickled else ""
+    if present < 1.0:
+        how += f", each later one holding {present:.0%} of the series, picked at random"
     tagged = f" with {tags} tags" if tags else ""
     each = f"{per_series} values each per {INTERVAL} s window"
     print(f"flush of {series:,} series{tagged}, {each}{how}:")
@@ -312,6 +322,12 @@ def main() -> None:
         action="store_true",
         help="flush: the first window's series stored while it is open, as the daemon does",
     )
+    parser.add_argument(
+        "--present",
+        type=float,
+        default=1.0,
+        help="flush: the share of the series each later window holds, as in real traffic",
+    )
     args = parser.parse_args()
     quiet_gc()
     if native is None:
@@ -322,7 +338,7 @@ def main() -> None:
             for fast in (True, False) if native is not None else (False,):
                 intake(key, args.rounds, fast)
     if "flush" in sections:
-        flush(args.series, args.samples, args.tags, args.pickled, args.registered)
+        flush(args.series, args.samples, args.tags, args.pickled, args.registered, args.present)
     if "handover" in sections:
         for key in args.workloads.split(","):
             handover(key, args.rounds)

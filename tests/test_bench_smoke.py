@@ -91,11 +91,15 @@ def test_the_hot_path_timings_run() -> None:
     assert "the window that completes a minute" in done.stdout
     assert "compaction of an hour of 2,000 series" in done.stdout
     pickled = subprocess.run(
-        [sys.executable, "bench/micro.py", "--sections", "flush", "--series", "2000", "--pickled"],
+        [
+            sys.executable, "bench/micro.py", "--sections", "flush", "--series", "2000",
+            "--pickled", "--present", "0.9",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
-    )
+    )  # fmt: skip
     assert pickled.returncode == 0, pickled.stderr[-3000:]
     assert "each window pickled as a worker's" in pickled.stdout
+    assert "each later one holding 90% of the series" in pickled.stdout
     assert "the window that completes a minute" in pickled.stdout
