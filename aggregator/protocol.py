@@ -313,8 +313,8 @@ class Parser:
 
     def forget(self, head: str) -> None:
         """Drop a name from the cache: the C fast path reads its lines now
-        (``route`` told it how), and each entry held about 120 bytes, per
-        series, for nothing (bench/README, item 44)."""
+        (``route`` told it how), and each entry held about 90 bytes a
+        series for nothing (bench/README, item 44)."""
         self._names.pop(head, None)
 
     def _remember_plan(self, rest: str, type_code: str, rate: float, tags: Tags) -> None:
