@@ -8,8 +8,10 @@ gauge, one window) are vectors.
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import random
+import socket
 
 import pytest
 
@@ -24,9 +26,12 @@ from aggregator.aggregate import (
 )
 from aggregator.fastpath import sketch_native
 from aggregator.limits import Budget, Drops, Limits
+from aggregator.listeners import ListenerStats
 from aggregator.model import Rollup, Sample, SeriesKey
+from aggregator.selfstats import IngestStats
 from aggregator.sketch import Sketch
-from aggregator.worker import window_slices
+from aggregator.worker import Learned, Report, _read_message, _write_report, window_slices
+from aggregator.worker import _frame as worker_frame
 
 from .test_aggregate import INTERVAL, PAST, PERCENTILES, W0, c, g, s, t
 
@@ -298,3 +303,39 @@ def test_window_slices_hold_every_series_once(size: int) -> None:
                 window, kind
             )
     assert len(windows) == 2  # the open window and a |T window, both sliced
+
+
+def test_a_report_crosses_the_channel_with_its_slices_as_raw_frames() -> None:
+    """The slices follow the report's frame, as the worker pickled them, and
+    the messages around them arrive whole and in order."""
+    worker = WorkerAggregator(INTERVAL)
+    worker.open(W0)
+    worker.add(STREAM)
+    windows = worker.swap(W0 + INTERVAL)
+    pieces = [pickle.dumps(p, protocol=pickle.HIGHEST_PROTOCOL) for p in window_slices(windows, 2)]
+    report = Report(pieces, ListenerStats(packets=7), IngestStats(), {"parse": 1})
+    before = Learned(W0, [("a", "c", ())])
+    after = Learned(W0 + INTERVAL, [("b", "ms", (("env", "prod"),))])
+
+    async def cross() -> list[Report | Learned]:
+        ours, theirs = socket.socketpair()
+        reader, daemon_end = await asyncio.open_unix_connection(sock=ours)
+        _, writer = await asyncio.open_unix_connection(sock=theirs)
+        writer.write(worker_frame(before))
+        _write_report(writer, report)
+        writer.write(worker_frame(after))
+        await writer.drain()
+        got = [await asyncio.wait_for(_read_message(reader), 5) for _ in range(3)]
+        writer.close()
+        daemon_end.close()
+        return got
+
+    first, answer, last = asyncio.run(cross())
+    assert (first, last) == (before, after)
+    assert isinstance(answer, Report)
+    assert answer.windows == pieces
+    assert answer.slices == len(pieces) > 1
+    assert (answer.listener, answer.drops) == (report.listener, report.drops)
+    assert [(w.start, w.counters, w.timers, w.sets) for w in answer.closed_windows()] == [
+        (p.start, p.counters, p.timers, p.sets) for p in window_slices(windows, 2)
+    ]
