@@ -286,7 +286,7 @@ class Daemon:
         """Runs in the writer thread: the flush, with the cycle collector paused."""
         with paused_gc():
             self._write_flush(closed, events, checks, gauges, started, merge)
-            closed.clear()  # the windows go before the collector is back
+            closed.clear()  # the windows go before the collector is back (if the flush failed)
         self._registrations = Registrations(self.limits, 0)  # its counts by name, gone
         self._checkpoint()
 
@@ -327,13 +327,16 @@ class Daemon:
             rollups: list[Rollup] = []
             for window in closed:
                 rollups.extend(snapshot(window, self.config.percentiles))
+            starts = [w.start for w in closed]
+            touched = {key for window in closed for key in window.gauges}
+            closed.clear()  # the raw windows go before the store makes its rows
             phase("snapshot")
             state = {"gauges": encode_gauges(gauges)}
-            batch = Batch([w.start for w in closed], rollups, events, checks, state)
+            batch = Batch(starts, rollups, events, checks, state)
             if not self.durable.write(batch):
                 totals.flush_errors += 1  # parked in the spool: stored later, in order
             phase("store")
-            self.outputs.publish(closed, rollups)  # never raises
+            self.outputs.publish(touched, rollups)  # never raises
             # before the flush is counted: whoever sees it sees this figure too
             totals.last_outputs_seconds = self.clock() - mark
         except Exception:

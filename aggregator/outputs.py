@@ -15,11 +15,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from .aggregate import ClosedWindow
 from .config import Config
 from .forward import TcpSender, UdpSender
 from .graphite import Naming, graphite_lines
-from .model import COUNTER, GAUGE, Rollup, Sample
+from .model import COUNTER, GAUGE, Rollup, Sample, SeriesKey
 from .prometheus import Exposition
 from .selfstats import PREFIX
 
@@ -81,10 +80,10 @@ class Outputs:
         if self.relay is not None:
             self.relay.start()
 
-    def publish(self, closed: Sequence[ClosedWindow], rollups: Sequence[Rollup]) -> None:
-        """Writer thread, once per flush. Never raises: storage must still happen."""
+    def publish(self, touched: set[SeriesKey], rollups: Sequence[Rollup]) -> None:
+        """Writer thread, once per flush, with the gauges that received samples
+        in it. Never raises: storage must still happen."""
         try:
-            touched = {key for window in closed for key in window.gauges}
             self.exposition.update(rollups, touched)
         except Exception:
             log.exception("updating /metrics failed")

@@ -101,9 +101,14 @@ class Report:
     slices: int = 0
 
     def closed_windows(self) -> Iterator[ClosedWindow]:
-        """The slices, unpickled one at a time: each is merged while its objects
-        are still in the CPU's caches (0.12 against 0.13-0.15 s at 100k series)."""
-        return (pickle.loads(piece) for piece in self.windows)
+        """The slices, unpickled one at a time and let go of: each is merged
+        while its objects are still in the CPU's caches (0.12 against
+        0.13-0.15 s at 100k series), and its pickle is not held for the rest
+        of the flush (about 10 MB a worker at 100k series)."""
+        pieces, self.windows = self.windows, []
+        pieces.reverse()
+        while pieces:
+            yield pickle.loads(pieces.pop())
 
 
 @dataclasses.dataclass(slots=True)
