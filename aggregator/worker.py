@@ -28,10 +28,9 @@ else. The daemon sends ``("init", settings)``, then ``("open", start)`` and
 pid)`` to the first and a :class:`Report` to every swap, followed by its
 pickled slices, each a frame of its own as it is (not pickled again), and
 sends, every second, a :class:`Learned` with the series it met for the
-first time. A
-worker ignores SIGINT and SIGTERM (systemd signals the whole control
-group): it stops reading on the last swap, and exits when the daemon's end
-closes.
+first time. A worker ignores SIGINT and SIGTERM (systemd signals the whole
+control group): it stops reading on the last swap, and exits when the
+daemon's end closes.
 """
 
 from __future__ import annotations
@@ -104,7 +103,7 @@ class Report:
         """The slices, unpickled one at a time and let go of: each is merged
         while its objects are still in the CPU's caches (0.12 against
         0.13-0.15 s at 100k series), and its pickle is not held for the rest
-        of the flush (about 10 MB a worker at 100k series)."""
+        of the flush (5-10 MB a worker at 100k series)."""
         pieces, self.windows = self.windows, []
         pieces.reverse()
         while pieces:
@@ -173,7 +172,7 @@ async def _read_message(reader: asyncio.StreamReader) -> Report | Learned:
 def _write_report(writer: asyncio.StreamWriter, report: Report) -> None:
     """The report's frame without its slices, then each slice as a raw frame.
 
-    Pickled with the report, a window's slices (about 10 MB a worker at 100k
+    Pickled with the report, a window's slices (5-10 MB a worker at 100k
     series) were copied twice more in the worker (the pickle, then the
     length in front) and two or three times in the daemon (the stream's
     buffer, the frame, the slices unpickled from it), all at the flush's peak.
