@@ -9,6 +9,7 @@ gauge, one window) are vectors.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import pickle
 import random
 import socket
@@ -332,10 +333,8 @@ def test_a_report_crosses_the_channel_with_its_slices_as_raw_frames() -> None:
 
     first, answer, last = asyncio.run(cross())
     assert (first, last) == (before, after)
+    assert len(pieces) > 1
+    assert answer == dataclasses.replace(report, slices=len(pieces))
     assert isinstance(answer, Report)
-    assert answer.windows == pieces
-    assert answer.slices == len(pieces) > 1
-    assert (answer.listener, answer.drops) == (report.listener, report.drops)
-    assert [(w.start, w.counters, w.timers, w.sets) for w in answer.closed_windows()] == [
-        (p.start, p.counters, p.timers, p.sets) for p in window_slices(windows, 2)
-    ]
+    assert list(answer.closed_windows()) == list(window_slices(windows, 2))
+    assert answer.windows == []  # each pickle let go of once unpickled
