@@ -41,6 +41,8 @@ class Totals:
     last_flush_at: float = 0.0
     #: /metrics and carbon, after the last flush was stored
     last_outputs_seconds: float = 0.0
+    #: the compaction slice and retention, after /metrics (Storage.maintain)
+    last_maintenance_seconds: float = 0.0
     flush_errors: int = 0
 
 

@@ -939,6 +939,40 @@ def test_sliced_compaction_answers_like_the_raw_data_at_every_step(
         assert_same_documents(storage.query_series(metric, **kw), raw_answer(oracle, metric, **kw))
 
 
+def test_a_flush_leaves_compaction_and_retention_to_maintain(
+    open_storage: Callable[..., Storage],
+) -> None:
+    """The window's transaction stores its rows and no more; the minute it
+    completes is compacted by maintain (the daemon runs it after /metrics),
+    or else by the next write, before that write's own rows."""
+    storage = open_storage()
+    writer = storage.open_writer()
+
+    def stored() -> dict[int, list[tuple[int, float]]]:
+        with sqlite3.connect(storage.path) as conn:
+            rows = conn.execute("SELECT resolution, ts, sum FROM rollups ORDER BY 1, 2")
+            by_resolution: dict[int, list[tuple[int, float]]] = {}
+            for resolution, ts, total in rows:
+                by_resolution.setdefault(resolution, []).append((ts, total))
+            return by_resolution
+
+    for w in range(6):  # a whole minute of 10 s windows
+        writer.write([counter("m", T0 + 10 * w, float(w))], [], [], {})
+    assert writer.maintenance_due
+    assert stored() == {10: [(T0 + 10 * w, float(w)) for w in range(6)]}
+    storage.maintain()
+    assert not writer.maintenance_due
+    assert stored()[60] == [(T0, 15.0)]
+
+    for w in range(6, 12):  # the next minute, never maintained by the caller
+        writer.write([counter("m", T0 + 10 * w, 1.0)], [], [], {})
+    assert stored()[60] == [(T0, 15.0)]
+    writer.write([counter("m", T0 + 120, 1.0)], [], [], {})  # runs it first
+    assert stored()[60] == [(T0, 15.0), (T0 + 60, 6.0)]
+    storage.maintain()
+    assert stored()[60] == [(T0, 15.0), (T0 + 60, 6.0)]  # nothing more to compact
+
+
 def test_metric_gaining_series_later_uses_totals_only_where_they_exist(
     open_storage: Callable[..., Storage],
 ) -> None:

@@ -84,6 +84,8 @@ def test_workers_read_every_type_exactly(start_daemon: DaemonFactory, tmp_path: 
     assert list(phases) == ["queued", "workers", "merge", "snapshot", "store"]
     assert min(phases.values()) >= 0.0
     assert health["last_outputs_seconds"] > 0.0  # /metrics, after the store
+    # then the compaction slice and retention, in a transaction of their own
+    wait_for(lambda: d.health()["last_maintenance_seconds"] > 0.0, what="a flush's maintenance")
 
 
 def test_a_gauge_carries_across_windows_and_workers(
