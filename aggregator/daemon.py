@@ -22,7 +22,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -334,9 +334,7 @@ class Daemon:
         phase("queued")
         try:
             if merge is not None:
-                waited, merging = self._merge_reports(closed, events, checks, gauges, *merge)
-                phases["workers"], phases["merge"] = round(waited, 6), round(merging, 6)
-                mark = self.clock()
+                self._merge_reports(closed, events, checks, gauges, *merge, phase)
             rollups: list[Rollup] = []
             for window in closed:
                 rollups.extend(snapshot(window, self.config.percentiles))
@@ -370,41 +368,36 @@ class Daemon:
         gauges: dict[SeriesKey, float],
         reports: Sequence[concurrent.futures.Future[Report]],
         budget: Budget,
-    ) -> tuple[float, float]:
+        phase: Callable[[str], None],
+    ) -> None:
         """Writer thread: fold each worker's windows into the flush, under its limits.
 
-        A report is merged as soon as it arrives, while the later ones are
-        still being pickled (the workers finish 0.1-0.15 s apart at 100k
-        series); the order, and so what the limits admit, is the reports'.
-        The ``workers`` phase is the time spent waiting, ``merge`` the rest.
+        The reports are merged once all have arrived: merging the first
+        while the others are still being pickled puts the writer on the
+        cores in the very moment the workers need them (item 47 of
+        bench/README.md).
         A worker that does not answer costs only its own window (logged).
         The gauges the workers moved are handed back to the event loop, which
         owns the persisted values.
         """
-        waited = 0.0
-
-        def parts() -> Iterator[ClosedWindow]:
-            nonlocal waited
-            for future in reports:
-                asked = self.clock()
-                try:
-                    report = future.result(SHUTDOWN_STEP_SECONDS)
-                except (WorkerGone, TimeoutError) as exc:
-                    log.error("flush without an ingest worker's window: %s", exc)
-                    continue
-                finally:
-                    waited += self.clock() - asked
-                events.extend(report.events)
-                checks.extend(report.checks)
-                yield from report.closed_windows()
-
-        started = self.clock()
-        moved = merge_worker_windows(closed, parts(), budget)
+        answered: list[Report] = []
+        for future in reports:
+            try:
+                report = future.result(SHUTDOWN_STEP_SECONDS)
+            except (WorkerGone, TimeoutError) as exc:
+                log.error("flush without an ingest worker's window: %s", exc)
+                continue
+            answered.append(report)
+            events.extend(report.events)
+            checks.extend(report.checks)
+        phase("workers")
+        parts = (part for report in answered for part in report.closed_windows())
+        moved = merge_worker_windows(closed, parts, budget)
         if moved:
             gauges.update(moved)
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self.aggregator.carry_gauges, moved)
-        return waited, self.clock() - started - waited
+        phase("merge")
 
     def _stored(self, batch: Batch) -> None:
         """Writer thread: a flush (fresh or parked) reached SQLite; tell the event stream."""

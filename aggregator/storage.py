@@ -8,9 +8,10 @@ the HTTP API answers (SPEC section 5).
 Threads
 -------
 ``write`` (and ``register``, which stores a window's new series before its
-flush, and ``checkpoint``) runs in ONE writer thread (the daemon's writer
-executor). Its connection is opened lazily in that thread on the first
-write (or by ``open_writer``) and owns the in-memory id caches;
+flush, ``maintain``, which compacts and prunes after it, and
+``checkpoint``) runs in ONE writer thread (the daemon's writer executor).
+Its connection is opened lazily in that thread on the first write (or by
+``open_writer``) and owns the in-memory id caches;
 ``reset_writer`` drops it after an I/O error, and the next write reopens
 it and reloads the caches. Every other thread that reads gets its own
 connection (``threading.local``); in WAL mode readers never wait for the
@@ -83,8 +84,9 @@ conflict); a set's count becomes the cardinality of the merged state.
 
 Downsampling
 ------------
-Inside the writes' transactions, every coarser tier compacts each
-COMPLETE bucket it has not compacted yet (bucket end <= the finer tier's
+In the transaction that follows each write's (``maintain``; the write's
+own recomputes only what its late rows change), every coarser tier
+compacts each COMPLETE bucket it has not compacted yet (bucket end <= the finer tier's
 ``complete_until``) with ``INSERT OR REPLACE ... SELECT ... GROUP BY
 bucket, series``: SQL sums, min and max; ``last`` is the last of the finer
 row with the latest ts (a join on the primary key); sketches and sets are
@@ -2003,7 +2005,7 @@ class _Writer:
     # ------------------------------------------------------------ retention
 
     def _expire(self, now: int) -> None:
-        """Delete the rows that each tier's retention has passed, on every
+        """Delete the rows that each tier's retention has passed, after every
         write: a share per write, where once a minute at 100k series and 5 s
         windows took 1.2M rows (0.37 s) out of one flush."""
         for i, tier in enumerate(self.state):
