@@ -86,11 +86,11 @@ Downsampling
 ------------
 In the transaction that follows each write's (``maintain``; the write's
 own recomputes only what its late rows change), every coarser tier
-compacts each COMPLETE bucket it has not compacted yet (bucket end <= the finer tier's
-``complete_until``) with ``INSERT OR REPLACE ... SELECT ... GROUP BY
-bucket, series``: SQL sums, min and max; ``last`` is the last of the finer
-row with the latest ts (a join on the primary key); sketches and sets are
-merged by the Python aggregate ``merge_states``. Many series are compacted
+compacts each COMPLETE bucket it has not compacted yet (bucket end <= the
+finer tier's ``complete_until``) with ``INSERT OR REPLACE ... SELECT ...
+GROUP BY bucket, series``: SQL sums, min and max; ``last`` is the last of
+the finer row with the latest ts (a join on the primary key); sketches and
+sets are merged by the Python aggregate ``merge_states``. Many series are compacted
 a slice of metric ids per write (``_Compaction``), over as many writes as
 it takes to finish before the tier's next bucket completes; the watermark
 moves with the last slice, so queries read the finer tier until then.
