@@ -225,12 +225,15 @@ class Daemon:
 
     def _maintain(self) -> None:
         """Writer thread: the compaction slice and retention a flush left due,
-        off its clock (``last_maintenance_seconds``)."""
+        off its clock (``last_maintenance_seconds``). A failure leaves them
+        due: the next write runs them first, and fails the flush if they fail again."""
         started = self.clock()
         try:
             self.storage.maintain()
-        except sqlite3.Error as exc:  # the next write meets it again, and reports it
+        except sqlite3.Error as exc:  # storage trouble: the next write reports it
             log.debug("storage: compaction and retention after a write failed: %s", exc)
+        except Exception:  # no flush future is awaited: say it here
+            log.exception("storage: compaction and retention after a flush failed")
         self.selfstats.totals.last_maintenance_seconds = self.clock() - started
 
     def _checkpoint(self) -> None:
