@@ -210,10 +210,16 @@ class Carbon:
         return self.storage / "whisper" / "_tagged" / digest[:3] / digest[3:6] / f"{digest}.wsp"
 
     def points(self, path: str) -> dict[int, float]:
-        """{timestamp: value} of every point carbon wrote for `path` (none yet: {})."""
+        """{timestamp: value} of every point carbon wrote for `path` (none yet: {}).
+
+        A file carbon is still creating has no header yet: none yet too.
+        """
         file = self.whisper_file(path)
         if not file.exists():
             return {}
         now = int(time.time())
-        (start, _, step), values = self.whisper.fetch(str(file), now - 3500, now)
+        try:
+            (start, _, step), values = self.whisper.fetch(str(file), now - 3500, now)
+        except self.whisper.CorruptWhisperFile:
+            return {}
         return {start + i * step: v for i, v in enumerate(values) if v is not None}
