@@ -90,10 +90,11 @@ compacts each COMPLETE bucket it has not compacted yet (bucket end <= the
 finer tier's ``complete_until``) with ``INSERT OR REPLACE ... SELECT ...
 GROUP BY bucket, series``: SQL sums, min and max; ``last`` is the last of
 the finer row with the latest ts (a join on the primary key); sketches and
-sets are merged by the Python aggregate ``merge_states``. Many series are compacted
-a slice of metric ids per write (``_Compaction``), over as many writes as
-it takes to finish before the tier's next bucket completes; the watermark
-moves with the last slice, so queries read the finer tier until then.
+sets are merged by the Python aggregate ``merge_states``. Many series are
+compacted a slice of metric ids per write (``_Compaction``), over as many
+writes as it takes to finish before the tier's next bucket completes; the
+watermark moves with the last slice, so queries read the finer tier until
+then.
 Tier 1 usually skips that query: the writer folds each window of tier 1's
 current bucket into one running row per series as it writes the window
 (``_Pending``), and from the flush that completes the bucket on, writes

@@ -46,7 +46,8 @@ def test_a_failed_compaction_after_a_flush_is_logged_and_left_due(
     daemon: Daemon, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The window is stored whatever its compaction does afterwards; a failure
-    there is logged (no one awaits the flush), and the next write runs it first."""
+    there is logged (no one awaits the flush) and left due, for the next write
+    to run first (test_storage's test_a_flush_leaves_compaction_and_retention_to_maintain)."""
     daemon.aggregator.open(START)
     daemon.aggregator.add([Sample("kept", "c", (), 3.0)])
     writer = daemon.storage.open_writer  # the writer thread's own, opened there
