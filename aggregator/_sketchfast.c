@@ -1533,6 +1533,217 @@ finally:
     return result;
 }
 
+/* ------------------------------------------------------------ gauge reports */
+
+/* One gauge's reports, each [at, value, low, high] (see WorkerAggregator),
+ * read as doubles; ``at`` < 0 marks a window of deltas only. */
+typedef struct {
+    double at, value, low, high;
+} GaugeReport;
+
+static int
+read_gauge_report(PyObject *entry, GaugeReport *out)
+{
+    if (!PyList_CheckExact(entry) || PyList_GET_SIZE(entry) != 4) {
+        PyErr_SetString(PyExc_TypeError, "resolve_gauges: a report is not [at, value, low, high]");
+        return -1;
+    }
+    double *fields[4] = {&out->at, &out->value, &out->low, &out->high};
+    for (Py_ssize_t i = 0; i < 4; i++) {
+        *fields[i] = PyFloat_AsDouble(PyList_GET_ITEM(entry, i));
+        if (*fields[i] == -1.0 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
+/* math.fsum of the reports' deltas, as _resolve_gauges sums them: fsum of
+ * none is 0.0 and of one is it plus 0.0 (-0.0 becomes 0.0); two or more go
+ * to math.fsum itself, for its exact sum and its errors. */
+static int
+sum_deltas(const GaugeReport *reports, Py_ssize_t n, PyObject *fsum, double *out)
+{
+    Py_ssize_t deltas = 0, last = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (reports[i].at < 0.0) {
+            deltas++;
+            last = i;
+        }
+    if (deltas < 2) {
+        *out = deltas ? reports[last].value + 0.0 : 0.0;
+        return 0;
+    }
+    PyObject *values = PyList_New(0);
+    int rc = values == NULL ? -1 : 0;
+    for (Py_ssize_t i = 0; rc == 0 && i < n; i++)
+        if (reports[i].at < 0.0) {
+            PyObject *v = PyFloat_FromDouble(reports[i].value);
+            rc = (v == NULL || PyList_Append(values, v) < 0) ? -1 : 0;
+            Py_XDECREF(v);
+        }
+    PyObject *sum = rc == 0 ? PyObject_CallOneArg(fsum, values) : NULL;
+    Py_XDECREF(values);
+    if (sum == NULL)
+        return -1;
+    *out = PyFloat_AsDouble(sum);
+    Py_DECREF(sum);
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* x[1] and x[2] of a held gauge's [last, min, max] */
+static int
+read_low_high(PyObject *stats, double *low, double *high)
+{
+    PyObject *a = PySequence_GetItem(stats, 1), *b = PySequence_GetItem(stats, 2);
+    int rc = (a == NULL || b == NULL) ? -1 : 0;
+    if (rc == 0) {
+        *low = PyFloat_AsDouble(a);
+        *high = PyFloat_AsDouble(b);
+        rc = PyErr_Occurred() ? -1 : 0;
+    }
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    return rc;
+}
+
+/* gauges[key] = [value, low, high]; persisted[key] = moved[key] = value */
+static int
+store_gauge(PyObject *gauges, PyObject *persisted, PyObject *moved, PyObject *key, double value,
+            double low, double high)
+{
+    PyObject *v = PyFloat_FromDouble(value);
+    PyObject *stats = v == NULL ? NULL : Py_BuildValue("[Odd]", v, low, high);
+    int rc = (stats == NULL || PyDict_SetItem(gauges, key, stats) < 0
+              || PyDict_SetItem(persisted, key, v) < 0 || PyDict_SetItem(moved, key, v) < 0)
+                 ? -1 : 0;
+    Py_XDECREF(stats);
+    Py_XDECREF(v);
+    return rc;
+}
+
+/* aggregate._resolve_gauges for one gauge: its reports, in the workers' order. */
+static int
+resolve_gauge(PyObject *gauges, PyObject *persisted, PyObject *moved, PyObject *key,
+              const GaugeReport *reports, Py_ssize_t n, Admission *a, PyObject *fsum)
+{
+    PyObject *held = PyDict_GetItemWithError(persisted, key);
+    if (held == NULL && PyErr_Occurred())
+        return -1;
+    double base = 0.0;
+    if (held != NULL) {
+        base = PyFloat_AsDouble(held);
+        if (base == -1.0 && PyErr_Occurred())
+            return -1;
+    } else {
+        a->persisted = PyDict_GET_SIZE(persisted);
+        int admitted = admit_series(a, key, 1);
+        if (admitted <= 0)
+            return admitted;
+    }
+    double deltas;
+    if (sum_deltas(reports, n, fsum, &deltas) < 0)
+        return -1;
+    /* the latest absolute report (the first of the latest), if any */
+    Py_ssize_t latest = -1;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (reports[i].at >= 0.0 && (latest < 0 || reports[i].at > reports[latest].at))
+            latest = i;
+    double start = latest >= 0 ? 0.0 : base, value, low, high;
+    value = (latest >= 0 ? reports[latest].value : start) + deltas;
+    low = high = value;
+    /* min(value, *lows) and max(value, *highs), NaN and all, as Python orders them */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (latest >= 0 && !(reports[i].at >= 0.0))
+            continue;
+        double lo = start + reports[i].low, hi = start + reports[i].high;
+        if (latest >= 0) {
+            lo = reports[i].low;
+            hi = reports[i].high;
+        }
+        if (lo < low)
+            low = lo;
+        if (hi > high)
+            high = hi;
+    }
+    PyObject *stats = PyDict_GetItemWithError(gauges, key);
+    if (stats == NULL && PyErr_Occurred())
+        return -1;
+    if (stats != NULL || held != NULL) {
+        double lo = base, hi = base;
+        if (stats != NULL && read_low_high(stats, &lo, &hi) < 0)
+            return -1;
+        if (lo < low)
+            low = lo;
+        if (hi > high)
+            high = hi;
+    }
+    return store_gauge(gauges, persisted, moved, key, value, low, high);
+}
+
+/* aggregate._resolve_gauges: the gauges of the workers' open windows (one
+ * dict per worker, in order) applied to the daemon's open window. Each key
+ * is resolved where it first appears, with the reports of the workers
+ * after that one. */
+static PyObject *
+resolve_gauges(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "resolve_gauges(gauges, persisted, reports, budget, fsum)");
+        return NULL;
+    }
+    PyObject *gauges = args[0], *persisted = args[1], *parts = args[2], *fsum = args[4];
+    if (!PyDict_CheckExact(gauges) || !PyDict_CheckExact(persisted) || !PyList_CheckExact(parts)) {
+        PyErr_SetString(PyExc_TypeError, "resolve_gauges: gauges and persisted are dicts, "
+                                         "reports a list");
+        return NULL;
+    }
+    Py_ssize_t workers = PyList_GET_SIZE(parts);
+    for (Py_ssize_t i = 0; i < workers; i++)
+        if (!PyDict_CheckExact(PyList_GET_ITEM(parts, i))) {
+            PyErr_SetString(PyExc_TypeError, "resolve_gauges: a worker's reports are not a dict");
+            return NULL;
+        }
+    GaugeReport *reports = PyMem_New(GaugeReport, workers > 0 ? workers : 1);
+    PyObject *moved = PyDict_New();
+    Admission a;
+    int rc = (reports == NULL || moved == NULL) ? -1 : 0;
+    if (rc == 0)
+        rc = admission_open(&a, args[3], PyDict_GET_SIZE(persisted));
+    for (Py_ssize_t i = 0; rc == 0 && i < workers; i++) {
+        PyObject *part = PyList_GET_ITEM(parts, i), *key, *entry;
+        Py_ssize_t pos = 0;
+        while (rc == 0 && PyDict_Next(part, &pos, &key, &entry)) {
+            int seen = 0;  /* resolved already, with an earlier worker's reports */
+            for (Py_ssize_t j = 0; rc == 0 && !seen && j < i; j++) {
+                seen = PyDict_Contains(PyList_GET_ITEM(parts, j), key);
+                rc = seen < 0 ? -1 : 0;
+            }
+            if (rc < 0 || seen)
+                continue;
+            Py_ssize_t n = 0;
+            rc = read_gauge_report(entry, &reports[n++]);
+            for (Py_ssize_t j = i + 1; rc == 0 && j < workers; j++) {
+                PyObject *other = PyDict_GetItemWithError(PyList_GET_ITEM(parts, j), key);
+                if (other != NULL)
+                    rc = read_gauge_report(other, &reports[n++]);
+                else if (PyErr_Occurred())
+                    rc = -1;
+            }
+            if (rc == 0)
+                rc = resolve_gauge(gauges, persisted, moved, key, reports, n, &a, fsum);
+        }
+    }
+    if (reports != NULL && moved != NULL && admission_close(&a) < 0)
+        rc = -1;
+    PyMem_Free(reports);
+    if (rc < 0) {
+        Py_XDECREF(moved);
+        return NULL;
+    }
+    return moved;
+}
+
 static PyMethodDef module_methods[] = {
     {"sketch_bytes", (PyCFunction)(void (*)(void))sketch_bytes, METH_FASTCALL,
      "sketch_bytes(values, low, high, inv_log_gamma, max_buckets) -> bytes or None: "
@@ -1555,6 +1766,9 @@ static PyMethodDef module_methods[] = {
     {"merge_series", (PyCFunction)(void (*)(void))merge_series, METH_FASTCALL,
      "merge_series(target, part, budget, persisted) -> None: aggregate._merge_series, "
      "a worker window's counters, timers and sets into the daemon's, under the budget."},
+    {"resolve_gauges", (PyCFunction)(void (*)(void))resolve_gauges, METH_FASTCALL,
+     "resolve_gauges(gauges, persisted, reports, budget, fsum) -> moved: "
+     "aggregate._resolve_gauges, the workers' gauge reports applied to the open window."},
     {NULL, NULL, 0, NULL},
 };
 

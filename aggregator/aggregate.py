@@ -455,12 +455,11 @@ def merge_worker_windows(
     """
     by_start = {w.start: w for w in closed if w.timestamped}
     opened = closed[0]
-    reports: dict[SeriesKey, list[list[float]]] = {}
+    reports: list[dict[SeriesKey, list[float]]] = []  # each worker's open-window gauges
     for part in parts:
         if part.persisted is not None and part.start == opened.start:
             target = opened
-            for key, entry in part.gauges.items():
-                reports.setdefault(key, []).append(entry)
+            reports.append(part.gauges)
         else:
             found = by_start.get(part.start)
             if found is None:
@@ -469,7 +468,7 @@ def merge_worker_windows(
             target = found
             _merge_window_gauges(target, part)
         _merge_series(target, part, budget, len(opened.persisted or ()))
-    moved = _resolve_gauges(opened, reports, None if budget is None else budget.admit)
+    moved = _resolve_gauges(opened, reports, budget)
     closed[1:] = sorted(closed[1:], key=lambda w: w.start)
     return moved
 
@@ -532,12 +531,23 @@ def _merge_window_gauges(target: ClosedWindow, part: ClosedWindow) -> None:
 
 
 def _resolve_gauges(
-    opened: ClosedWindow, reports: dict[SeriesKey, list[list[float]]], admit: Any
+    opened: ClosedWindow, parts: list[dict[SeriesKey, list[float]]], budget: Budget | None
 ) -> dict[SeriesKey, float]:
-    """Apply the workers' gauge reports to the open window (see merge_worker_windows)."""
+    """Apply the workers' gauge reports (``[at, value, low, high]`` per
+    gauge, each worker's in a dict) to the open window (see
+    merge_worker_windows); in C when the extension is built
+    (``_sketchfast.resolve_gauges``: about 6 µs a gauge in Python, a tenth
+    of a 100k-series flush's merge)."""
     persisted = opened.persisted
     assert persisted is not None
     gauges = opened.gauges
+    if sketch_native is not None:
+        return sketch_native.resolve_gauges(gauges, persisted, parts, budget, math.fsum)  # type: ignore[no-any-return]
+    admit = None if budget is None else budget.admit
+    reports: dict[SeriesKey, list[list[float]]] = {}
+    for part in parts:
+        for key, entry in part.items():
+            reports.setdefault(key, []).append(entry)
     moved: dict[SeriesKey, float] = {}
     for key, entries in reports.items():
         base = persisted.get(key)

@@ -17,6 +17,7 @@ import os
 import random
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import pytest
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 from aggregator import aggregate, sketch, storage
 from aggregator.aggregate import ClosedWindow, pack_value
 from aggregator.fastpath import sketch_native
+from aggregator.limits import Budget, Drops, Limits
 from aggregator.model import Rollup, SeriesKey
 from aggregator.sketch import MAX_BUCKETS, SET_EXACT_LIMIT, SetState, Sketch, merge_blobs
 
@@ -702,3 +704,83 @@ def test_window_rows_names_the_series_the_cache_lacks() -> None:
         native.window_rows(window, {("a", "c", ()): 1, ("b", "c", ()): 1, ("c", "c", ()): 1}, 10, 0)
     with pytest.raises(TypeError):
         native.window_rows([("a",)], {}, 10, 0)
+
+
+# ------------------------------------------------------------ gauge reports
+
+GAUGE_VALUES = st.one_of(
+    st.sampled_from([0.0, -0.0, 1.0, -2.5, math.inf, -math.inf, math.nan, 1e308, -1e308]),
+    st.floats(-1e6, 1e6),
+)
+#: a report's arrival: < 0 for deltas only (-1.0 as workers send it), NaN as a stray
+ARRIVALS = st.sampled_from([-1.0, -0.5, 0.0, 1.0, 2.0, 2.0, 3.5, math.nan])
+GAUGE_KEYS = [(f"g{i % 3}", "g", (("host", f"h{i}"),) if i > 2 else ()) for i in range(6)]
+
+
+def resolved(
+    held: dict[SeriesKey, float],
+    stats: dict[SeriesKey, list[float]],
+    parts: list[dict[SeriesKey, list[float]]],
+    limits: Limits,
+    in_c: bool,
+) -> object:
+    """What _resolve_gauges leaves, or the error it raises, with the C path or without."""
+    opened = ClosedWindow(0, {}, {k: list(v) for k, v in stats.items()}, {}, {}, {}, dict(held))
+    drops = Drops()
+    budget = Budget(limits, drops)
+    with pytest.MonkeyPatch.context() as patch:
+        if not in_c:
+            patch.setattr(aggregate, "sketch_native", None)
+        try:
+            moved = aggregate._resolve_gauges(opened, [dict(p) for p in parts], budget)
+        except (OverflowError, ValueError) as exc:
+            return type(exc)
+    # bit patterns, so that NaN equals NaN and -0.0 differs from 0.0
+    bits = struct.Struct("<d").pack
+
+    def exact(d: dict[SeriesKey, Any]) -> list[tuple[SeriesKey, object]]:
+        return [(k, [bits(x) for x in v] if isinstance(v, list) else bits(v)) for k, v in d.items()]
+
+    return (
+        exact(moved), exact(opened.gauges), exact(opened.persisted or {}),
+        drops.window, budget.gauges_per_metric, budget.created,
+    )  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    held=st.dictionaries(st.sampled_from(GAUGE_KEYS), GAUGE_VALUES, max_size=4),
+    stats=st.dictionaries(
+        st.sampled_from(GAUGE_KEYS), st.lists(GAUGE_VALUES, min_size=3, max_size=3), max_size=3
+    ),
+    parts=st.lists(
+        st.dictionaries(
+            st.sampled_from(GAUGE_KEYS),
+            st.tuples(ARRIVALS, GAUGE_VALUES, GAUGE_VALUES, GAUGE_VALUES).map(list),
+            max_size=6,
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    max_series=st.sampled_from([2, 4, 100]),
+)
+def test_resolve_gauges_is_the_python_resolution(
+    held: dict[SeriesKey, float],
+    stats: dict[SeriesKey, list[float]],
+    parts: list[dict[SeriesKey, list[float]]],
+    max_series: int,
+) -> None:
+    """Any reports of one to four workers, held gauges or none, limits that
+    refuse some: C leaves what Python leaves, bit for bit, or raises as it does."""
+    limits = Limits(max_series=max_series, max_series_per_metric=max(max_series // 2, 1))
+    assert resolved(held, stats, parts, limits, True) == resolved(held, stats, parts, limits, False)
+
+
+def test_resolve_gauges_bad_arguments() -> None:
+    with pytest.raises(TypeError):
+        native.resolve_gauges({}, {}, [{("q", "g", ()): [1.0, 2.0]}], None, math.fsum)
+    with pytest.raises(TypeError):
+        native.resolve_gauges({}, {}, [{("q", "g", ()): [1.0, "x", 2.0, 3.0]}], None, math.fsum)
+    with pytest.raises(TypeError):
+        native.resolve_gauges({}, {}, ({},), None, math.fsum)
+    assert native.resolve_gauges({}, {}, [], None, math.fsum) == {}
