@@ -1202,6 +1202,26 @@ def test_a_malformed_sketch_fails_the_minute_as_sql_does(
             storage.write([broken])
 
 
+def test_a_blob_on_a_counter_compacts_as_sql_does(open_storage: Callable[..., Storage]) -> None:
+    """A state blob belongs to sketches and sets only: the minute folded in
+    memory, whose blobs are merged window by window, leaves a bucket with
+    one on a counter to SQL, and the file is the one SQL alone writes."""
+    memory, sql = open_storage("memory.db"), open_storage("sql.db")
+    sql.open_writer().fold = False
+    blob = Sketch.from_values([1.0], [1.0]).to_bytes()
+    for storage in (memory, sql):
+        for w in range(7):
+            state = blob if w == 2 else None
+            storage.write([Rollup("hits", "c", (), T0 + 10 * w, 1.0, 1.0, 1.0, 1.0, 1.0, state)])
+
+    def dump(storage: Storage) -> list[Any]:
+        with sqlite3.connect(storage.path) as conn:
+            return conn.execute("SELECT * FROM rollups ORDER BY 1, 2, 3, 4").fetchall()
+
+    assert dump(memory) == dump(sql)
+    assert [row for row in dump(sql) if row[0] == 60] != []
+
+
 def test_compaction_skips_a_downtime(open_storage: Callable[..., Storage], clock: Clock) -> None:
     storage = open_storage()
     storage.write([counter("c", T0, 1.0)])
