@@ -536,8 +536,9 @@ def _resolve_gauges(
     """Apply the workers' gauge reports (``[at, value, low, high]`` per
     gauge, each worker's in a dict) to the open window (see
     merge_worker_windows); in C when the extension is built
-    (``_sketchfast.resolve_gauges``: about 6 µs a gauge in Python, a tenth
-    of a 100k-series flush's merge)."""
+    (``_sketchfast.resolve_gauges``: about 3 µs a gauge at 100k series
+    against 6 in Python, the rest being dict operations on keys fresh from
+    the workers' pickles)."""
     persisted = opened.persisted
     assert persisted is not None
     gauges = opened.gauges
