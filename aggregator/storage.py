@@ -97,9 +97,10 @@ watermark moves with the last slice, so queries read the finer tier until
 then.
 Tier 1 usually skips that query: the writer folds each window of tier 1's
 current bucket into one running row per series as it writes the window
-(``_Pending``), and from the flush that completes the bucket on, writes
-those rows, the very ones the query would write, after one merge of blobs
-per series. A bucket whose tier-0
+(``_Pending``), merges each window's sketch and set blobs into the
+bucket's after the window is stored, and from the flush that completes
+the bucket on, writes those rows, the very ones the query would write. A
+bucket whose tier-0
 rows the writer has not all seen written once (a restart in the middle of
 it, a window written again, values SQLite stores as NULL) goes through the
 query. The metric totals of the buckets then follow from the fresh coarse
