@@ -1648,18 +1648,17 @@ resolve_gauge(PyObject *gauges, PyObject *persisted, PyObject *moved, PyObject *
     for (Py_ssize_t i = 0; i < n; i++)
         if (reports[i].at >= 0.0 && (latest < 0 || reports[i].at > reports[latest].at))
             latest = i;
-    double start = latest >= 0 ? 0.0 : base, value, low, high;
-    value = (latest >= 0 ? reports[latest].value : start) + deltas;
-    low = high = value;
-    /* min(value, *lows) and max(value, *highs), NaN and all, as Python orders them */
+    int absolute = latest >= 0;
+    double value = (absolute ? reports[latest].value : base) + deltas, low = value, high = value;
+    /* min(value, *lows) and max(value, *highs), NaN and all, as Python orders
+     * them: the absolute reports' extremes, or with none, every report's
+     * moved by the held value (base + -0.0 is 0.0, so never add 0.0 to the
+     * absolute ones) */
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (latest >= 0 && !(reports[i].at >= 0.0))
+        if (absolute && !(reports[i].at >= 0.0))
             continue;
-        double lo = start + reports[i].low, hi = start + reports[i].high;
-        if (latest >= 0) {
-            lo = reports[i].low;
-            hi = reports[i].high;
-        }
+        double lo = absolute ? reports[i].low : base + reports[i].low;
+        double hi = absolute ? reports[i].high : base + reports[i].high;
         if (lo < low)
             low = lo;
         if (hi > high)
