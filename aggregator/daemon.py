@@ -37,6 +37,7 @@ from .limits import Budget, Drops, Registrations
 from .model import Event, Rollup, SeriesKey, ServiceCheck
 from .notify import Notifier
 from .outputs import Outputs
+from .priority import WriterPriority, can_return_to_normal
 from .protocol import Parser
 from .selfstats import SelfStats
 from .spool import Batch, DurableWriter, Spool, TolerantStorage, spool_path, sqlite_store
@@ -122,6 +123,8 @@ class Daemon:
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="writer")
         self._readers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="reader")
         self._pending_flush: concurrent.futures.Future[None] | None = None
+        #: the writer's CPU priority against the ingest workers (priority.py)
+        self._priority = WriterPriority() if config.workers and can_return_to_normal() else None
         self._stop = asyncio.Event()
         self.addresses: dict[str, str] = {}
         self.feed = api.FlushFeed()
@@ -335,6 +338,8 @@ class Daemon:
             mark = now
 
         phase("queued")
+        if self._priority is not None:
+            self._priority.flush_starts(phases["queued"], self.interval)
         try:
             if merge is not None:
                 self._merge_reports(closed, events, checks, gauges, *merge, phase)
@@ -613,6 +618,12 @@ class Daemon:
         self.workers.on_exit = self._worker_exited
         self.workers.on_learned = self._learned
         log.info("ingest workers reading the datagram sockets: pids %s", self.workers.pids)
+        if self._priority is None:
+            log.info(
+                "the writer keeps normal CPU priority during flushes: it could not return "
+                "to it from SCHED_IDLE without CAP_SYS_NICE or RLIMIT_NICE >= 20 "
+                "(systemd: LimitNICE=+0)"
+            )
 
     async def _start_http(self) -> web.AppRunner:
         app = api.create_app(

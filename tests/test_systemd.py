@@ -63,6 +63,9 @@ def test_the_unit_says_what_the_service_needs() -> None:
     for hardening in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp"):
         assert unit[hardening] != ["no"], hardening
     assert unit["CapabilityBoundingSet"] == [""]
+    # the writer thread back from SCHED_IDLE to nice 0, never above (priority.py)
+    assert unit["LimitNICE"] == ["+0"]
+    assert "sched_setscheduler" in unit["SystemCallFilter"]
 
 
 def test_systemd_analyze_verify_passes(tmp_path: Path) -> None:

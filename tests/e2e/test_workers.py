@@ -7,6 +7,7 @@ process had read it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -14,6 +15,8 @@ import socket
 from pathlib import Path
 
 import pytest
+
+from aggregator import priority
 
 from .conftest import DaemonFactory
 from .harness import Daemon, config_text, nearest_rank, wait_for
@@ -181,3 +184,29 @@ def _alive(pid: int) -> bool:
     # a zombie is dead too: its parent has not reaped it yet
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def _idle_threads(pid: int) -> int:
+    """Threads of the process under SCHED_IDLE (policy: /proc/.../stat field 41)."""
+    count = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            count += int(fields[38]) == os.SCHED_IDLE
+    return count
+
+
+def test_the_writer_flushes_on_the_cpu_the_workers_leave(
+    start_daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    """With workers, the writer thread runs each flush under SCHED_IDLE (priority.py)."""
+    if not priority.can_return_to_normal():  # the daemon inherits this process' limits
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root, which may leave SCHED_IDLE")
+        pytest.skip("this user may not come back from SCHED_IDLE (RLIMIT_NICE, CAP_SYS_NICE)")
+    d = start_daemon(config=with_workers(tmp_path, 1))
+    d.send_udp(b"wk.idle:1|c")
+    d.wait_value("wk.idle", 1)
+    assert d.proc is not None
+    wait_for(lambda: _idle_threads(d.proc.pid) == 1, what="the writer thread under SCHED_IDLE")
+    assert any("SCHED_IDLE" in line for line in d.log)
